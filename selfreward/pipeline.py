@@ -1,0 +1,201 @@
+"""The self-rewarding loop of Yuan et al. (2024), top to bottom.
+
+    M1 = SFT(M0, IFT + EFT seed data)
+    for t = 1 .. T:
+        prompts    = self-instruct(M_t, IFT seed instructions)
+        candidates = M_t answers each prompt N times
+        judgments  = M_t judges each candidate k times; score = mean of parseable scores
+        pairs      = best vs worst candidate per prompt; ties dropped
+        M_{t+1}    = DPO(M_t, pairs), reference M_t
+
+Each `stage_*` function below runs one stage against the run directory: it skips a finished stage,
+resumes a half-finished one, and marks it done only once its outputs are complete. The CLI's per-stage
+commands call the same functions, so a cluster job can run one stage each.
+"""
+
+from __future__ import annotations
+
+import logging
+from statistics import mean
+from typing import Any
+
+from selfreward.backends import Backend, open_backend
+from selfreward.errors import UserError
+from selfreward.jsonl import read_jsonl, write_json_atomic
+from selfreward.models import resolve_model
+from selfreward.recipe import Recipe
+from selfreward.rundir import RunDir
+from selfreward.seeds import load_seeds
+from selfreward.stages.dpo import run_dpo
+from selfreward.stages.generate import run_generate
+from selfreward.stages.judging import run_judging
+from selfreward.stages.pairs import run_pairs
+from selfreward.stages.prompts import run_prompts
+from selfreward.stages.sft import run_sft
+from selfreward.templates import load_template
+
+log = logging.getLogger(__name__)
+ITERATION_STAGES = ("prompts", "responses", "judgments", "pairs", "dpo")
+
+
+class Models:
+    """Opens a model in the recipe's backend on first use and keeps at most one open.
+
+    Stages of one iteration that use M_t share one load; nothing is loaded for stages already done, and
+    the model is closed before training so generation and training never hold the accelerator together.
+    """
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.ref: str | None = None
+        self.backend: Backend | None = None
+
+    def get(self, ref: str) -> Backend:
+        if self.backend is None or self.ref != ref:
+            self.close()
+            self.backend = open_backend(
+                resolve_model(ref), self.recipe.backend, self.recipe.seed, self.recipe.model.trust_remote_code
+            )
+            self.ref = ref
+        return self.backend
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend, self.ref = None, None
+
+    def __enter__(self) -> Models:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run(recipe: Recipe, run_dir: RunDir) -> list[dict[str, Any]]:
+    """SFT, then `recipe.iterations` self-rewarding iterations; returns one metrics record per iteration."""
+    run_dir.bind_recipe(recipe)
+    if recipe.sft.enabled:
+        stage_sft(recipe, run_dir)
+    with Models(recipe) as models:
+        for t in range(1, recipe.iterations + 1):
+            stage_prompts(recipe, run_dir, t, models)
+            stage_responses(recipe, run_dir, t, models)
+            stage_judgments(recipe, run_dir, t, models)
+            stage_pairs(recipe, run_dir, t)
+            models.close()
+            stage_dpo(recipe, run_dir, t)
+            write_metrics(run_dir, t)
+    return [iteration_metrics(run_dir, t) for t in range(1, recipe.iterations + 1)]
+
+
+def _skip(run_dir: RunDir, stage: str) -> dict | None:
+    record = run_dir.done_record(stage)
+    if record is not None:
+        log.info("%s: already done, skipping", stage)
+    return record
+
+
+def _require(run_dir: RunDir, stage: str, hint: str) -> None:
+    if not run_dir.is_done(stage):
+        raise UserError(f"{run_dir.root}: stage '{stage}' has not finished; run `selfreward {hint}` first")
+
+
+def stage_sft(recipe: Recipe, run_dir: RunDir) -> dict:
+    if (done := _skip(run_dir, "sft")) is not None:
+        return done
+    ift, eft = load_seeds(recipe.data, recipe.seed)
+    judge_template = load_template(recipe.judge.template, "judge.txt", ("instruction", "response"))
+    result = run_sft(
+        resolve_model(recipe.model.base), ift, eft, judge_template, recipe.sft, run_dir.sft_model,
+        recipe.seed, recipe.model.trust_remote_code,
+    )
+    run_dir.mark_done("sft", result)
+    return result
+
+
+def _require_model(recipe: Recipe, run_dir: RunDir, t: int) -> str:
+    if t == 1 and recipe.sft.enabled:
+        _require(run_dir, "sft", "sft")
+    elif t > 1:
+        _require(run_dir, f"iter{t - 1}/dpo", f"dpo --iteration {t - 1}")
+    return run_dir.model_for(t, recipe)
+
+
+def stage_prompts(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> dict:
+    if (done := _skip(run_dir, f"iter{t}/prompts")) is not None:
+        return done
+    model = recipe.prompts.model or _require_model(recipe, run_dir, t)
+    ift, _ = load_seeds(recipe.data, recipe.seed)
+    seeds = [r["instruction"] for r in ift]
+    run_dir.iteration(t).mkdir(parents=True, exist_ok=True)
+    result = run_prompts(models.get(model), seeds, recipe.prompts, run_dir.prompts(t), t, recipe.seed)
+    run_dir.mark_done(f"iter{t}/prompts", result)
+    return result
+
+
+def stage_responses(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> dict:
+    if (done := _skip(run_dir, f"iter{t}/responses")) is not None:
+        return done
+    _require(run_dir, f"iter{t}/prompts", f"prompts --iteration {t}")
+    prompts = read_jsonl(run_dir.prompts(t))
+    backend = models.get(_require_model(recipe, run_dir, t))
+    result = run_generate(backend, prompts, recipe.responses, run_dir.responses(t), recipe.seed, f"iter{t} responses")
+    responses = read_jsonl(run_dir.responses(t))
+    result["mean_tokens"] = round(mean(r["tokens"] for r in responses), 1) if responses else 0
+    result["unfinished"] = sum(not r["finished"] for r in responses)
+    run_dir.mark_done(f"iter{t}/responses", result)
+    return result
+
+
+def stage_judgments(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> dict:
+    if (done := _skip(run_dir, f"iter{t}/judgments")) is not None:
+        return done
+    _require(run_dir, f"iter{t}/responses", f"generate --iteration {t}")
+    responses = read_jsonl(run_dir.responses(t))
+    backend = models.get(_require_model(recipe, run_dir, t))
+    result = run_judging(backend, responses, recipe.judge, run_dir.judgments(t), recipe.seed, f"iter{t} judgments")
+    run_dir.mark_done(f"iter{t}/judgments", result)
+    return result
+
+
+def stage_pairs(recipe: Recipe, run_dir: RunDir, t: int) -> dict:
+    if (done := _skip(run_dir, f"iter{t}/pairs")) is not None:
+        return done
+    _require(run_dir, f"iter{t}/judgments", f"judge --iteration {t}")
+    result = run_pairs(read_jsonl(run_dir.responses(t)), read_jsonl(run_dir.judgments(t)), run_dir.pairs(t), recipe.seed)
+    run_dir.mark_done(f"iter{t}/pairs", result)
+    return result
+
+
+def stage_dpo(recipe: Recipe, run_dir: RunDir, t: int) -> dict:
+    if (done := _skip(run_dir, f"iter{t}/dpo")) is not None:
+        return done
+    _require(run_dir, f"iter{t}/pairs", f"pairs --iteration {t}")
+    model = resolve_model(_require_model(recipe, run_dir, t))
+    result = run_dpo(model, run_dir.pairs(t), recipe.dpo, run_dir.model(t), recipe.seed, recipe.model.trust_remote_code)
+    run_dir.mark_done(f"iter{t}/dpo", result)
+    return result
+
+
+def iteration_metrics(run_dir: RunDir, t: int) -> dict[str, Any]:
+    """The iteration's figures, gathered from its stages' completion records (missing stages: None)."""
+    stages = {name: run_dir.done_record(f"iter{t}/{name}") or {} for name in ITERATION_STAGES}
+    return {
+        "iteration": t,
+        "prompts": stages["prompts"].get("prompts"),
+        "responses": stages["responses"].get("responses"),
+        "mean_response_tokens": stages["responses"].get("mean_tokens"),
+        "judgments": stages["judgments"].get("judge_samples"),
+        "parse_failures": stages["judgments"].get("parse_failures"),
+        "mean_score": stages["judgments"].get("mean_score"),
+        "pairs": stages["pairs"].get("pairs"),
+        "ties_dropped": stages["pairs"].get("ties_dropped"),
+        "unscored_dropped": stages["pairs"].get("unscored_dropped"),
+        "dpo_loss": [stages["dpo"].get("first_loss"), stages["dpo"].get("last_loss")],
+        "seconds": {name: stages[name].get("seconds") for name in ITERATION_STAGES},
+    }
+
+
+def write_metrics(run_dir: RunDir, t: int) -> None:
+    write_json_atomic(run_dir.metrics(t), iteration_metrics(run_dir, t))
+

@@ -1,0 +1,196 @@
+"""The recipe: every knob of a run, typed and validated before any work starts.
+
+A recipe is a YAML file mapping onto `Recipe`. Unknown keys, wrong types and out-of-range values are
+refused with one line naming the key. Defaults follow Yuan et al. (2024) where the paper gives a number.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from selfreward.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(Section):
+    # A hub id, a local directory, or "embedded:gemma3-270m" (the PyPI-packaged default).
+    base: str = "embedded:gemma3-270m"
+    trust_remote_code: bool = False
+
+
+class VllmSection(Section):
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=64)
+    enforce_eager: bool = False
+    # CPU only: GiB of memory for the KV cache (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_gib: int = Field(4, ge=1)
+
+
+class BackendSection(Section):
+    kind: Literal["auto", "vllm", "transformers"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    # transformers backend: sequences (prompts x samples) per forward batch.
+    batch_size: int = Field(32, ge=1)
+    vllm: VllmSection = VllmSection()
+
+
+class LoraSection(Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainSection(Section):
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    max_length: int = Field(1024, ge=16)
+    lr_scheduler: str = "linear"
+    # Extra scheduler arguments, e.g. {min_lr: 1.1e-6} for cosine_with_min_lr.
+    lr_scheduler_kwargs: dict[str, float] = {}
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    gradient_checkpointing: bool = True
+    # Save a resumable trainer checkpoint every this many optimizer steps (none if unset).
+    save_steps: int | None = Field(None, ge=1)
+    lora: LoraSection = LoraSection()
+
+
+class SftSection(TrainSection):
+    enabled: bool = True
+    learning_rate: float = Field(5.5e-6, gt=0)
+    # Batch examples of similar length together: EFT examples are ~3x longer than IFT ones, and padding
+    # a mixed batch to its longest example wastes most of the compute.
+    group_by_length: bool = True
+
+
+class DpoSection(TrainSection):
+    learning_rate: float = Field(1e-6, gt=0)
+    beta: float = Field(0.1, gt=0)
+    # TRL loss types; ["sigmoid", "sft"] adds an NLL term on the chosen response.
+    loss_type: list[str] = ["sigmoid"]
+
+
+class DataSection(Section):
+    # Paths are relative to the directory the command runs in.
+    ift: str | None = "data/ift.jsonl"
+    eft: str | None = "data/eft.jsonl"
+    # OpenAssistant oasst1: a hub id ("OpenAssistant/oasst1") or local JSONL/parquet files of its messages.
+    # First-turn English conversations become IFT (best-ranked reply) and EFT (replies scored from rank).
+    oasst1: str | None = None
+    oasst1_split: str = "train"
+    # Keep at most this many seed examples (None = all); the sample is drawn with the recipe seed.
+    max_ift: int | None = Field(None, ge=1)
+    max_eft: int | None = Field(None, ge=1)
+
+
+class SamplingSection(Section):
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+
+
+class PromptsSection(SamplingSection):
+    temperature: float = Field(0.6, ge=0)
+    max_new_tokens: int = Field(96, ge=1)
+    count: int = Field(64, ge=1)
+    shots: int = Field(8, ge=1)
+    # None = the current model M_t; otherwise a hub id, directory or "embedded:..." (the paper used a fixed model).
+    model: str | None = None
+    template: str | None = None
+    min_chars: int = Field(10, ge=1)
+    # Drop instructions cut off by max_new_tokens (usually run-on text rather than a task).
+    drop_unfinished: bool = True
+    max_chars: int = Field(600, ge=1)
+    # Near-duplicate when the word-bigram Jaccard similarity to a seed or earlier prompt reaches this.
+    near_duplicate_threshold: float = Field(0.6, gt=0, le=1)
+    # Generation rounds to try before giving up on reaching `count`.
+    max_rounds: int = Field(20, ge=1)
+
+
+class ResponsesSection(SamplingSection):
+    n: int = Field(4, ge=2)
+
+
+class JudgeSection(SamplingSection):
+    samples: int = Field(3, ge=1)
+    mode: Literal["sampled", "expected"] = "sampled"
+    max_new_tokens: int = Field(192, ge=1)
+    template: str | None = None
+
+
+class Recipe(Section):
+    name: str = "run"
+    seed: int = 0
+    iterations: int = Field(2, ge=0)
+    model: ModelSection = ModelSection()
+    backend: BackendSection = BackendSection()
+    data: DataSection = DataSection()
+    sft: SftSection = SftSection()
+    prompts: PromptsSection = PromptsSection()
+    responses: ResponsesSection = ResponsesSection()
+    judge: JudgeSection = JudgeSection()
+    dpo: DpoSection = DpoSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.prompts.max_chars <= self.prompts.min_chars:
+            raise ValueError("prompts.max_chars must be greater than prompts.min_chars")
+        return self
+
+
+def parse_recipe(raw: Any, source: str) -> Recipe:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        extra = f" (and {error.error_count() - 1} more problem(s))" if error.error_count() > 1 else ""
+        raise UserError(f"{source}: {key}: {message}{extra}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{where}: not valid YAML") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid UTF-8") from None
+    return parse_recipe(raw, str(path))
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first value that differs between two resolved recipes, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            found = first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if old == new else prefix.rstrip(".")

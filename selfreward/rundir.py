@@ -1,0 +1,102 @@
+"""The run directory: where every stage reads its inputs and writes its outputs.
+
+    recipe.yaml                 the resolved recipe this run started with
+    m1/                         M1, the SFT model (a plain HF checkpoint)
+    iter{t}/prompts.jsonl       new instructions written by M_t           {id, instruction}
+    iter{t}/responses.jsonl     N candidates per prompt                   {id, prompt_id, index, instruction, response, tokens}
+    iter{t}/judgments.jsonl     k judgments per candidate                 {id, prompt_id, score, scores, judgments, parse_failures}
+    iter{t}/pairs.jsonl         best vs worst per prompt, TRL columns     {id, prompt, chosen, rejected, ...}
+    iter{t}/model/              M_{t+1}, DPO-trained from M_t (a plain HF checkpoint)
+    iter{t}/metrics.json        counts and timings of the iteration
+    done/{stage}.json           written last, atomically: the stage finished; holds its result
+
+A stage is finished exactly when its `done/` record exists; outputs are complete before it is written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfreward.errors import UserError
+from selfreward.jsonl import write_atomic, write_json_atomic
+from selfreward.recipe import Recipe, first_difference, parse_recipe, recipe_yaml
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def sft_model(self) -> Path:
+        return self.root / "m1"
+
+    def iteration(self, t: int) -> Path:
+        return self.root / f"iter{t}"
+
+    def prompts(self, t: int) -> Path:
+        return self.iteration(t) / "prompts.jsonl"
+
+    def responses(self, t: int) -> Path:
+        return self.iteration(t) / "responses.jsonl"
+
+    def judgments(self, t: int) -> Path:
+        return self.iteration(t) / "judgments.jsonl"
+
+    def pairs(self, t: int) -> Path:
+        return self.iteration(t) / "pairs.jsonl"
+
+    def model(self, t: int) -> Path:
+        """M_{t+1}: the model trained in iteration t."""
+        return self.iteration(t) / "model"
+
+    def metrics(self, t: int) -> Path:
+        return self.iteration(t) / "metrics.json"
+
+    def _done_path(self, stage: str) -> Path:
+        return self.root / "done" / f"{stage}.json"
+
+    def is_done(self, stage: str) -> bool:
+        return self._done_path(stage).is_file()
+
+    def done_record(self, stage: str) -> dict[str, Any] | None:
+        path = self._done_path(stage)
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def mark_done(self, stage: str, result: dict[str, Any]) -> None:
+        write_json_atomic(self._done_path(stage), result)
+
+    def bind_recipe(self, recipe: Recipe) -> None:
+        """Record the recipe on a new run; refuse a different recipe on an existing one.
+
+        Mixing outputs of two recipes in one directory would make every later figure meaningless, so a
+        changed recipe must go to a new --output.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        text = recipe_yaml(recipe)
+        if self.recipe_path.exists():
+            old = parse_recipe(yaml.safe_load(self.recipe_path.read_text(encoding="utf-8")), str(self.recipe_path))
+            key = first_difference(old.model_dump(mode="json"), recipe.model_dump(mode="json"))
+            if key:
+                raise UserError(
+                    f"{self.recipe_path}: this run was started with a different recipe ('{key}' differs); "
+                    "use a new --output directory, or delete this one to start over"
+                )
+            return
+        write_atomic(self.recipe_path, text)
+
+    def model_for(self, t: int, recipe: Recipe) -> str:
+        """M_t as a model reference: base for t=0, M1 = SFT model, M_{t>1} = model of iteration t-1."""
+        if t <= 0:
+            return recipe.model.base
+        if t == 1:
+            return str(self.sft_model) if recipe.sft.enabled else recipe.model.base
+        return str(self.model(t - 1))

@@ -1,0 +1,60 @@
+"""Preference pairs: per prompt, the highest- vs the lowest-scoring candidate; ties dropped.
+
+When several candidates share the best (or worst) score, one is picked with a random generator seeded
+from the recipe seed and the prompt id, so the same run always builds the same pairs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from selfreward.jsonl import write_jsonl_atomic
+
+
+def choose_pair(candidates: list[dict], rng: random.Random) -> tuple[dict, dict] | None:
+    """(best, worst) among candidates with a score, or None when fewer than two or best and worst tie."""
+    scored = [c for c in candidates if c["score"] is not None]
+    if len(scored) < 2:
+        return None
+    high = max(c["score"] for c in scored)
+    low = min(c["score"] for c in scored)
+    if high == low:
+        return None
+    best = rng.choice([c for c in scored if c["score"] == high])
+    worst = rng.choice([c for c in scored if c["score"] == low])
+    return best, worst
+
+
+def run_pairs(responses: list[dict], judgments: list[dict], output: Path, seed: int = 0) -> dict[str, Any]:
+    """Write TRL preference records {id, prompt, chosen, rejected, ...} to `output`, atomically."""
+    started = time.perf_counter()
+    score_of = {j["id"]: j["score"] for j in judgments}
+    by_prompt: dict[str, list[dict]] = {}
+    for r in responses:
+        by_prompt.setdefault(r["prompt_id"], []).append({**r, "score": score_of.get(r["id"])})
+    pairs, ties, unscored = [], 0, 0
+    for prompt_id, candidates in by_prompt.items():
+        chosen = choose_pair(candidates, random.Random(f"{seed}:{prompt_id}"))
+        if chosen is None:
+            if sum(c["score"] is not None for c in candidates) < 2:
+                unscored += 1
+            else:
+                ties += 1
+            continue
+        best, worst = chosen
+        pairs.append({
+            "id": prompt_id,
+            "prompt": [{"role": "user", "content": best["instruction"]}],
+            "chosen": [{"role": "assistant", "content": best["response"]}],
+            "rejected": [{"role": "assistant", "content": worst["response"]}],
+            "chosen_id": best["id"], "rejected_id": worst["id"],
+            "chosen_score": best["score"], "rejected_score": worst["score"],
+        })
+    write_jsonl_atomic(output, pairs)
+    return {
+        "prompts": len(by_prompt), "pairs": len(pairs), "ties_dropped": ties, "unscored_dropped": unscored,
+        "seconds": round(time.perf_counter() - started, 3),
+    }

@@ -1,0 +1,112 @@
+"""Self-instruct: M_t (or a fixed prompt model) writes new instructions from few-shot seed examples.
+
+New instructions are de-duplicated against the seeds and each other (exact after normalisation, and near:
+word-bigram Jaccard similarity at or above the recipe's threshold); empty, short and over-long ones are
+dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from selfreward.backends import Backend, Sampling
+from selfreward.jsonl import append_jsonl, resume_records
+from selfreward.progress import progress_bar
+from selfreward.templates import fill, load_template
+
+log = logging.getLogger(__name__)
+TASK_PREFIX = re.compile(r"^\s*(task\s*\d*\s*[:.)-]\s*)", re.IGNORECASE)
+
+
+def normalise(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def bigrams(text: str) -> frozenset[str]:
+    words = normalise(text).split()
+    return frozenset(" ".join(pair) for pair in zip(words, words[1:])) or frozenset(words)
+
+
+class DuplicateIndex:
+    """Exact and near-duplicate detection; an inverted index keeps comparisons to texts sharing a bigram."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.exact: set[str] = set()
+        self.shingles: list[frozenset[str]] = []
+        self.postings: dict[str, list[int]] = {}
+
+    def add(self, text: str) -> None:
+        self.exact.add(normalise(text))
+        grams = bigrams(text)
+        for gram in grams:
+            self.postings.setdefault(gram, []).append(len(self.shingles))
+        self.shingles.append(grams)
+
+    def is_duplicate(self, text: str) -> bool:
+        if normalise(text) in self.exact:
+            return True
+        grams = bigrams(text)
+        candidates = {i for gram in grams for i in self.postings.get(gram, ())}
+        return any(len(grams & self.shingles[i]) / len(grams | self.shingles[i]) >= self.threshold for i in candidates)
+
+
+def extract_instruction(text: str) -> str:
+    """The generated task: the text before the next task's header, without a leading 'Task N:'."""
+    text = re.split(r"\n\s*task\s*\d+\s*:", text, flags=re.IGNORECASE)[0]
+    return TASK_PREFIX.sub("", text).strip()
+
+
+def few_shot_prompt(template: str, examples: list[str]) -> str:
+    listed = "".join(f"Task {i}: {' '.join(e.split())}\n" for i, e in enumerate(examples, start=1))
+    return fill(template, examples=listed, next=str(len(examples) + 1))
+
+
+def run_prompts(
+    backend: Backend, seeds: list[str], config, output: Path, iteration: int, seed: int = 0
+) -> dict[str, Any]:
+    """Write `config.count` new instructions to `output` as {id, instruction} records (resumable)."""
+    started = time.perf_counter()
+    template = load_template(config.template, "self_instruct.txt", ("examples", "next"))
+    accepted = resume_records(output)
+    index = DuplicateIndex(config.near_duplicate_threshold)
+    for text in seeds + [r["instruction"] for r in accepted]:
+        index.add(text)
+    counts = {"generated": 0, "duplicates": 0, "bad_length": 0}
+    sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens, stop=("\nTask",))
+    rounds = 0
+    with progress_bar(f"iter{iteration} prompts", config.count, len(accepted)) as advance:
+        while len(accepted) < config.count and rounds < config.max_rounds:
+            # Oversample: with a small model many candidates are duplicates or malformed.
+            ask = min(backend.chunk_prompts, 2 * (config.count - len(accepted)))
+            rng = random.Random(f"{seed}:{iteration}:{len(accepted)}:{rounds}")
+            shots = [rng.sample(seeds, min(config.shots, len(seeds))) for _ in range(ask)]
+            prompts = [backend.text_prompt(few_shot_prompt(template, s)) for s in shots]
+            outputs = backend.generate(prompts, 1, replace(sampling, seed=rng.randrange(2**31)))
+            fresh = []
+            for (completion,) in outputs:
+                counts["generated"] += 1
+                instruction = extract_instruction(completion.text)
+                if not config.min_chars <= len(instruction) <= config.max_chars or (
+                    config.drop_unfinished and not completion.finished
+                ):
+                    counts["bad_length"] += 1
+                elif index.is_duplicate(instruction):
+                    counts["duplicates"] += 1
+                elif len(accepted) + len(fresh) < config.count:
+                    index.add(instruction)
+                    fresh.append({"id": f"iter{iteration}-p{len(accepted) + len(fresh):05d}", "instruction": instruction})
+            append_jsonl(output, fresh)
+            accepted += fresh
+            advance(len(fresh))
+            rounds += 1
+    if len(accepted) < config.count:
+        log.warning("iter%d: only %d of %d prompts after %d rounds", iteration, len(accepted), config.count, rounds)
+    seconds = round(time.perf_counter() - started, 1)
+    return {"prompts": len(accepted), **counts, "rounds": rounds, "seconds": seconds}

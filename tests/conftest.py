@@ -1,0 +1,83 @@
+"""Fixtures: a tiny random Llama with a BPE tokenizer trained here (no downloads), and a scripted judge."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from selfreward.backends.base import Backend, Completion, Sampling
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def build_tiny_model(target: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from selfreward.models import GEMMA_CHAT_TEMPLATE
+
+    corpus = [json.loads(line)["instruction"] + " " + json.loads(line)["response"]
+              for line in (ROOT / "data" / "ift.jsonl").read_text().splitlines()]
+    corpus += [f"Score: {s}" for s in range(6)] * 20
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")],
+    )
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def scripted_score(prompt: str, sample: int) -> int:
+    """A deterministic 'judgment' of a judge prompt: a random model cannot produce `Score: N` itself."""
+    return hashlib.sha256(f"{prompt}|{sample}".encode()).digest()[0] % 6
+
+
+class ScriptedJudge(Backend):
+    """Wraps a real backend; judge prompts (they hold <response> tags) get scripted `Score: N` answers."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.tokenizer = inner.tokenizer
+        self.chunk_prompts = 8
+        self.judge_calls = 0
+
+    def generate(self, prompts, n: int, sampling: Sampling):
+        if prompts and "<response>" in prompts[0]:
+            self.judge_calls += 1
+            return [[Completion(f"Some reasoning.\nScore: {scripted_score(p, i)}", 6, True) for i in range(n)] for p in prompts]
+        return self.inner.generate(prompts, n, sampling)
+
+    def next_token_probs(self, prompts, token_ids):
+        return self.inner.next_token_probs(prompts, token_ids)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,0 +1,121 @@
+"""The whole loop on a tiny random model, with a scripted judge (a random model cannot write `Score: N`)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import yaml
+
+from selfreward import pipeline
+from selfreward.backends import open_backend as real_open_backend
+from selfreward.jsonl import read_jsonl
+from selfreward.recipe import parse_recipe
+from selfreward.rundir import RunDir
+from tests.conftest import ScriptedJudge
+
+
+def tiny_recipe(model: str, **changes) -> dict:
+    recipe = {
+        "seed": 0, "iterations": 2,
+        "model": {"base": model},
+        "backend": {"kind": "transformers", "dtype": "float32", "batch_size": 16},
+        "data": {"ift": "data/ift.jsonl", "eft": "data/eft.jsonl", "max_ift": 8, "max_eft": 4},
+        "sft": {"epochs": 1, "learning_rate": 1e-3, "batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 256, "precision": "fp32"},
+        "prompts": {"count": 6, "shots": 3, "max_new_tokens": 24, "min_chars": 1, "max_chars": 400, "drop_unfinished": False, "near_duplicate_threshold": 0.95},
+        "responses": {"n": 3, "max_new_tokens": 12},
+        "judge": {"samples": 2, "max_new_tokens": 8},
+        "dpo": {"epochs": 1, "learning_rate": 1e-3, "batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 128, "precision": "fp32",
+                "lora": {"enabled": True, "r": 4, "alpha": 8}},
+    }
+    for section, values in changes.items():
+        recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
+    return recipe
+
+
+@pytest.fixture()
+def scripted(monkeypatch):
+    """Route every backend through the scripted judge; count model loads."""
+    loads = []
+
+    def fake_open(path, config, seed=0, trust_remote_code=False):
+        loads.append(path)
+        return ScriptedJudge(real_open_backend(path, config, seed, trust_remote_code))
+
+    monkeypatch.setattr(pipeline, "open_backend", fake_open)
+    return loads
+
+
+def test_full_loop_writes_every_stage_and_resumes_instantly(tiny_model, tmp_path, scripted):
+    recipe = parse_recipe(tiny_recipe(tiny_model), "tiny")
+    run = RunDir(tmp_path / "run")
+    rows = pipeline.run(recipe, run)
+    assert [row["iteration"] for row in rows] == [1, 2]
+    for t in (1, 2):
+        prompts = read_jsonl(run.prompts(t))
+        responses = read_jsonl(run.responses(t))
+        judgments = read_jsonl(run.judgments(t))
+        pairs = read_jsonl(run.pairs(t))
+        assert len(prompts) == 6 and len({p["id"] for p in prompts}) == 6
+        assert Counter(r["prompt_id"] for r in responses) == {p["id"]: 3 for p in prompts}
+        assert {j["id"] for j in judgments} == {r["id"] for r in responses}
+        assert all(len(j["scores"]) == 2 for j in judgments)
+        assert rows[t - 1]["pairs"] == len(pairs) > 0
+        assert rows[t - 1]["pairs"] + rows[t - 1]["ties_dropped"] + rows[t - 1]["unscored_dropped"] == 6
+        assert (run.model(t) / "model.safetensors").is_file()
+        assert json.loads(run.metrics(t).read_text())["iteration"] == t
+    # Iteration 2 samples from M2 (iteration 1's DPO output), not from M1.
+    assert scripted.count(str(run.model(1))) == 1
+    loads = len(scripted)
+    assert pipeline.run(recipe, run) == rows  # a finished run: nothing reloaded, nothing redone
+    assert len(scripted) == loads
+    assert yaml.safe_load(run.recipe_path.read_text())["responses"]["n"] == 3
+
+
+class Crash(Exception):
+    pass
+
+
+def test_interrupted_judging_resumes_without_duplicates_or_losses(tiny_model, tmp_path, monkeypatch):
+    recipe = parse_recipe(tiny_recipe(tiny_model, iterations=1, sft={"enabled": False}), "tiny")
+    run = RunDir(tmp_path / "run")
+    calls = {"judge": 0}
+
+    def crashing_open(path, config, seed=0, trust_remote_code=False):
+        backend = ScriptedJudge(real_open_backend(path, config, seed, trust_remote_code))
+        inner_generate = backend.generate
+
+        def generate(prompts, n, sampling):
+            if "<response>" in prompts[0]:
+                calls["judge"] += 1
+                if calls["judge"] == 2:  # after the first chunk reached disk
+                    raise Crash()
+            return inner_generate(prompts, n, sampling)
+
+        backend.generate = generate
+        return backend
+
+    monkeypatch.setattr(pipeline, "open_backend", crashing_open)
+    with pytest.raises(Crash):
+        pipeline.run(recipe, run)
+    partial = read_jsonl(run.judgments(1))
+    assert 0 < len(partial) < 18 and not run.is_done("iter1/judgments")
+    # A torn write on top of the crash: half a record at the end of the file.
+    with run.judgments(1).open("a") as handle:
+        handle.write('{"id": "iter1-p00005-r2", "sco')
+    pipeline.run(recipe, run)
+    judgments = read_jsonl(run.judgments(1))
+    responses = read_jsonl(run.responses(1))
+    assert sorted(j["id"] for j in judgments) == sorted(r["id"] for r in responses)
+    assert [j["id"] for j in judgments[: len(partial)]] == [j["id"] for j in partial]  # kept, not redone
+
+
+def test_stage_commands_refuse_to_run_out_of_order(tiny_model, tmp_path):
+    from selfreward.errors import UserError
+
+    recipe = parse_recipe(tiny_recipe(tiny_model), "tiny")
+    run = RunDir(tmp_path / "run")
+    run.bind_recipe(recipe)
+    with pytest.raises(UserError, match="stage 'iter1/judgments' has not finished"):
+        pipeline.stage_pairs(recipe, run, 1)

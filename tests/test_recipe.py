@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from selfreward.cli import app
+from selfreward.errors import UserError
+from selfreward.recipe import load_recipe, parse_recipe
+from selfreward.rundir import RunDir
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"responses": {"n": 1}}, "responses.n: Input should be greater than or equal to 2"),
+        ({"judge": {"samples": 0}}, "judge.samples"),
+        ({"dpo": {"beta": 0}}, "dpo.beta"),
+        ({"responses": {"temperature": -0.1}}, "responses.temperature"),
+        ({"dpo": {"betta": 0.1}}, "dpo.betta: unknown key"),
+        ({"iterations": "two"}, "iterations"),
+        ({"backend": {"kind": "tpu"}}, "backend.kind"),
+    ],
+)
+def test_bad_values_name_the_key(raw, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        parse_recipe(raw, "r.yaml")
+
+
+def test_demo_recipe_is_valid_and_small():
+    recipe = load_recipe("recipes/demo-cpu.yaml")
+    assert recipe.iterations == 2 and recipe.responses.n == 4 and recipe.judge.samples == 3
+
+
+def test_cli_reports_one_line_and_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("responses:\n  n: 1\n")
+    result = CliRunner().invoke(app, ["iterate", "--recipe", str(bad), "--output", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "responses.n" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # no work started
+
+
+def test_cli_missing_recipe_is_named(tmp_path):
+    result = CliRunner().invoke(app, ["iterate", "-r", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "nope.yaml: recipe file not found" in result.output
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("seed: 1\njudge: [\n")
+    with pytest.raises(UserError, match=r"r\.yaml:\d+: not valid YAML"):
+        load_recipe(path)
+
+
+def test_changed_recipe_is_refused_for_an_existing_run(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.bind_recipe(parse_recipe({"seed": 1}, "a"))
+    run.bind_recipe(parse_recipe({"seed": 1}, "a"))  # the same recipe resumes
+    with pytest.raises(UserError, match="'judge.samples' differs"):
+        run.bind_recipe(parse_recipe({"seed": 1, "judge": {"samples": 5}}, "b"))
+    assert yaml.safe_load(run.recipe_path.read_text())["judge"]["samples"] == 3
+
+
+def test_missing_model_directory_is_named():
+    from selfreward.models import resolve_model
+
+    with pytest.raises(UserError, match="model './no/such/model': directory not found"):
+        resolve_model("./no/such/model")
+    assert resolve_model("org/model") == "org/model"  # hub ids pass through
