@@ -15,6 +15,7 @@ Only the judge's output is parsed, never the response being judged.
 
 Scoring modes:
 - `sampled` (the paper): k judgments sampled; the score is the mean of the parseable ones, or None.
+  Generation of a judgment stops at its first `Score: N` with N in 0-5.
 - `expected` (fast): the judge prompt followed by a forced `Score: `; the score is the expectation of
   0-5 under the model's next-token probabilities of those digits (renormalised). No text is generated.
 """
@@ -29,9 +30,9 @@ from selfreward.backends.base import Backend, Sampling
 from selfreward.templates import fill, load_template
 
 SCORES = range(6)
-# Sampled judgments stop at the first completed score line: anything after it only costs time (and a
-# second score line would replace the first, since the last one counts).
-SCORE_LINES = tuple(f"Score: {s}\n" for s in SCORES)
+# Sampled judgments stop at the first `Score: N` (N in 0-5): whatever follows only costs time, and small
+# models tend to ramble on and bury a valid score under a broken one (the last label counts).
+SCORE_STOPS = tuple(f"Score: {s}" for s in SCORES)
 INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 LABEL = re.compile(r"(?<![a-z])score[*_]*\s*:", re.IGNORECASE)
 VALUE = re.compile(
@@ -116,7 +117,7 @@ class Judge:
         self.mode = mode
         self.samples = samples
         sampling = sampling or Sampling(temperature=0.7, top_p=0.9, max_new_tokens=192)
-        self.sampling = replace(sampling, stop=sampling.stop + SCORE_LINES, keep_stop=True)
+        self.sampling = replace(sampling, stop=sampling.stop + SCORE_STOPS, keep_stop=True)
 
     def prompt(self, item: JudgeItem) -> str:
         return self.backend.chat_prompt([{"role": "user", "content": render_judge_prompt(self.template, item)}])

@@ -40,9 +40,11 @@ class TransformersBackend(Backend):
         import torch
 
         torch.manual_seed(sampling.seed)
+        sample = sampling.temperature > 0
+        if not sample and n > 1:  # greedy decoding gives n identical answers: compute one
+            return [row * n for row in self.generate(prompts, 1, sampling)]
         results: list[list[Completion]] = [[] for _ in prompts]
         per_batch = max(1, self.batch_size // n)
-        sample = sampling.temperature > 0
         for indices, batch in self._batches(prompts, per_batch):
             with torch.inference_mode():
                 output = self.model.generate(

@@ -83,8 +83,9 @@ def run_prompts(
     rounds = 0
     with progress_bar(f"iter{iteration} prompts", config.count, len(accepted)) as advance:
         while len(accepted) < config.count and rounds < config.max_rounds:
-            # Oversample: with a small model many candidates are duplicates or malformed.
-            ask = min(backend.chunk_prompts, 2 * (config.count - len(accepted)))
+            # Oversample: most candidates of a small model are copies of a shot or malformed, and a
+            # full batch costs little more than a small one.
+            ask = max(backend.chunk_prompts, 2 * (config.count - len(accepted)))
             rng = random.Random(f"{seed}:{iteration}:{len(accepted)}:{rounds}")
             shots = [rng.sample(seeds, min(config.shots, len(seeds))) for _ in range(ask)]
             prompts = [backend.text_prompt(few_shot_prompt(template, s)) for s in shots]
