@@ -131,9 +131,110 @@ def _stage_command(name: str, stage: str, doc: str, needs_model: bool) -> None:
 
 _stage_command("prompts", "prompts", "Self-instruct: M_t writes new prompts (iter{t}/prompts.jsonl).", True)
 _stage_command("generate", "responses", "Sample N candidate responses per prompt (iter{t}/responses.jsonl).", True)
-_stage_command("judge", "judgments", "M_t judges each candidate k times (iter{t}/judgments.jsonl).", True)
 _stage_command("pairs", "pairs", "Best vs worst candidate per prompt, ties dropped (iter{t}/pairs.jsonl).", False)
 _stage_command("dpo", "dpo", "DPO-train M_{t+1} from M_t on the pairs (iter{t}/model/).", False)
+
+
+@app.command()
+def judge(
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="Stage mode: the run's recipe.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Stage mode: the run directory. File mode: the scored JSONL (resumed by id).")] = None,
+    iteration: Annotated[int | None, typer.Option("--iteration", "-t", min=1, help="Stage mode: iteration t.")] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="File mode: JSONL of {id, instruction, response}.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="File mode: hub id, directory or embedded:gemma3-270m (the served model's name with --endpoint).")] = None,
+    samples: Annotated[int, typer.Option("--samples", "-k", min=1, help="Judgments sampled per item (sampled mode).")] = 3,
+    mode: Annotated[str, typer.Option("--mode", help="sampled (k chain-of-thought judgments) or expected (probability-weighted score).")] = "sampled",
+    endpoint: Annotated[str | None, typer.Option("--endpoint", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")] = None,
+    api: Annotated[str, typer.Option("--api", help="Endpoint API: chat or completions (expected mode needs completions).")] = "chat",
+    backend: Annotated[str, typer.Option("--backend", help="Local backend: auto, vllm or transformers.")] = "auto",
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 192,
+    template: Annotated[Path | None, typer.Option(help="Judge template file with {instruction} and {response}.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Endpoint: requests in flight.")] = 8,
+    timeout: Annotated[float, typer.Option(min=1.0, help="Endpoint: seconds per request.")] = 120.0,
+    seed: int = 0,
+    verbose: VerboseOption = False,
+) -> None:
+    """Judge responses. File mode (--input): score any JSONL of items with a model or an endpoint.
+    Stage mode (--recipe): M_t judges each candidate of iteration t (iter{t}/judgments.jsonl)."""
+
+    def action() -> None:
+        if input is None:
+            if recipe is None or output is None or iteration is None:
+                raise UserError("judge: give --input, --output and --model (file mode), or --recipe, --output and --iteration (stage mode)")
+            from selfreward import pipeline
+
+            config, run_dir = _open(recipe, output, verbose)
+            with pipeline.Models(config) as models:
+                pipeline.stage_judgments(config, run_dir, iteration, models)
+            return
+        from selfreward import cli_judge
+        from selfreward.judge import Judge
+        from selfreward.templates import load_template
+
+        _setup_logging(verbose)
+        if output is None or model is None:
+            raise UserError("judge: file mode needs --output and --model")
+        if mode not in ("sampled", "expected"):
+            raise UserError(f"--mode: must be 'sampled' or 'expected', not '{mode}'")
+        items = cli_judge.load_items(input)  # all of it, before the model is even looked at
+        text = load_template(str(template) if template else None, "judge.txt", ("instruction", "response"))
+        judge_backend = cli_judge.open_judge_backend(model, endpoint, api, backend, "bfloat16", concurrency, timeout)
+        try:
+            scorer = Judge(judge_backend, text, mode, samples, cli_judge.sampling(temperature, top_p, max_new_tokens, seed))
+            chunk = max(1, judge_backend.chunk_prompts // (samples if mode == "sampled" else 1))
+            result = cli_judge.judge_file(scorer, items, output, chunk)
+        finally:
+            judge_backend.close()
+        console.print(f"judged {result['items']} items into {output}: mean score {result['mean_score']}, "
+                      f"{result['parse_failures']} parse failures, {result['seconds']} s", highlight=False)
+
+    _guard(action)
+
+
+@app.command("judge-eval")
+def judge_eval(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Judge model (omit for the length baseline only).")] = None,
+    ranked: Annotated[Path | None, typer.Option(help="Ranked responses: oasst1 messages or {instruction, responses: [{text, rank}]}.")] = None,
+    pairs: Annotated[Path | None, typer.Option(help="Chosen/rejected pairs: hh-rlhf dialogues or {prompt, chosen, rejected} (.jsonl/.gz).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N prompts or pairs.")] = None,
+    samples: Annotated[int, typer.Option("--samples", "-k", min=1)] = 3,
+    mode: Annotated[str, typer.Option(help="sampled or expected.")] = "sampled",
+    endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible server.")] = None,
+    api: Annotated[str, typer.Option(help="Endpoint API: chat or completions.")] = "chat",
+    backend: Annotated[str, typer.Option(help="Local backend: auto, vllm or transformers.")] = "auto",
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 192,
+    report_path: Annotated[Path | None, typer.Option("--report", help="Also write the metrics here (JSON).")] = None,
+    seed: int = 0,
+    verbose: VerboseOption = False,
+) -> None:
+    """Measure a judge against human preferences (pairwise accuracy, 5-best %, exact match %, Spearman,
+    Kendall tau), beside a length-only baseline (the longer response wins)."""
+
+    def action() -> None:
+        from selfreward import cli_judge
+        from selfreward.judge import Judge
+
+        _setup_logging(verbose)
+        if ranked is None and pairs is None:
+            raise UserError("judge-eval: give --ranked and/or --pairs")
+        if mode not in ("sampled", "expected"):
+            raise UserError(f"--mode: must be 'sampled' or 'expected', not '{mode}'")
+        cli_judge.evaluate(None, ranked, pairs, limit)  # validates the data before any model load
+        scorer, judge_backend = None, None
+        if model:
+            judge_backend = cli_judge.open_judge_backend(model, endpoint, api, backend, "bfloat16", 8, 120.0)
+            scorer = Judge(judge_backend, None, mode, samples, cli_judge.sampling(temperature, top_p, max_new_tokens, seed))
+        try:
+            cli_judge.write_report(report_path, cli_judge.evaluate(scorer, ranked, pairs, limit))
+        finally:
+            if judge_backend:
+                judge_backend.close()
+
+    _guard(action)
 
 
 @app.command()

@@ -1,0 +1,131 @@
+"""`selfreward judge --input ...` (score items with any model or endpoint) and `selfreward judge-eval`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from selfreward.backends import Backend, Sampling, open_backend
+from selfreward.errors import UserError
+from selfreward.jsonl import append_jsonl, read_jsonl, resume_records, write_json_atomic
+from selfreward.judge import Judge, JudgeItem
+from selfreward.progress import progress_bar
+from selfreward.recipe import BackendSection
+
+log = logging.getLogger(__name__)
+
+
+def load_items(path: Path) -> list[dict[str, Any]]:
+    """Validate the whole input before anything expensive: {id, instruction, response} per line, unique ids."""
+    items = read_jsonl(path, {"instruction": str, "response": str})
+    seen: set[str] = set()
+    with path.open("rb") as handle:
+        numbers = [n for n, line in enumerate(handle, start=1) if line.strip()]
+    for number, item in zip(numbers, items):
+        if not isinstance(item.get("id"), (str, int)) or isinstance(item.get("id"), bool):
+            raise UserError(f"{path}:{number}: field 'id' must be a string or an integer")
+        key = str(item["id"])
+        if key in seen:
+            raise UserError(f"{path}:{number}: duplicate id '{key}'")
+        seen.add(key)
+    if not items:
+        raise UserError(f"{path}: no items to judge")
+    return items
+
+
+def open_judge_backend(
+    model: str, endpoint: str | None, api: str, backend: str, dtype: str, concurrency: int, timeout: float
+) -> Backend:
+    """A local model in a backend, or an OpenAI-compatible endpoint serving `model`."""
+    from selfreward.models import load_tokenizer, resolve_model
+
+    if endpoint:
+        from selfreward.backends.http import HttpBackend
+
+        tokenizer = None
+        if api == "completions":
+            tokenizer = load_tokenizer(resolve_model(model))
+        return HttpBackend(endpoint, model, api=api, concurrency=concurrency, timeout=timeout, tokenizer=tokenizer)
+    return open_backend(resolve_model(model), BackendSection(kind=backend, dtype=dtype))
+
+
+def judge_file(judge: Judge, items: list[dict], output: Path, chunk: int) -> dict[str, Any]:
+    """Score items into `output` (JSONL), appending per chunk and skipping ids already there."""
+    started = time.perf_counter()
+    done = {str(r["id"]) for r in resume_records(output)}
+    todo = [item for item in items if str(item["id"]) not in done]
+    with progress_bar("judging", len(items), len(items) - len(todo)) as advance:
+        for start in range(0, len(todo), chunk):
+            batch = todo[start : start + chunk]
+            results = judge.score([JudgeItem(i["instruction"], i["response"]) for i in batch])
+            append_jsonl(output, (
+                {"id": item["id"], "score": r.score, "scores": r.scores, "judgments": r.texts, "parse_failures": r.parse_failures}
+                for item, r in zip(batch, results)
+            ))
+            advance(len(batch))
+    records = resume_records(output)
+    scored = [r["score"] for r in records if r["score"] is not None]
+    return {
+        "items": len(records), "judged_now": len(todo), "unscored": len(records) - len(scored),
+        "parse_failures": sum(r["parse_failures"] for r in records),
+        "mean_score": round(sum(scored) / len(scored), 3) if scored else None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def evaluate(judge: Judge | None, ranked: Path | None, pairs: Path | None, limit: int | None) -> dict[str, Any]:
+    """Judge (and the length baseline) against human preferences; judge None = baseline only."""
+    from selfreward.evaluation import length_scores, load_pairs, load_ranked, pair_metrics, ranked_metrics
+
+    report: dict[str, Any] = {}
+    if ranked:
+        prompts = load_ranked(ranked)[:limit]
+        report["ranked"] = {"file": str(ranked), "length_baseline": ranked_metrics(
+            [length_scores(p.responses) for p in prompts], [p.ranks for p in prompts], on_rubric=False)}
+        if judge:
+            started = time.perf_counter()
+            flat = [JudgeItem(p.instruction, r) for p in prompts for r in p.responses]
+            results = _score_all(judge, flat)
+            scores, position = [], 0
+            for p in prompts:
+                scores.append([r.score for r in results[position : position + len(p.responses)]])
+                position += len(p.responses)
+            report["ranked"]["judge"] = ranked_metrics(scores, [p.ranks for p in prompts])
+            report["ranked"]["judge"]["parse_failures"] = sum(r.parse_failures for r in results)
+            report["ranked"]["judge"]["seconds"] = round(time.perf_counter() - started, 1)
+    if pairs:
+        items = load_pairs(pairs)[:limit]
+        report["pairs"] = {"file": str(pairs), "length_baseline": pair_metrics(
+            [len(p.chosen) for p in items], [len(p.rejected) for p in items])}
+        if judge:
+            started = time.perf_counter()
+            flat = [JudgeItem(p.instruction, text) for p in items for text in (p.chosen, p.rejected)]
+            results = _score_all(judge, flat)
+            report["pairs"]["judge"] = pair_metrics([r.score for r in results[0::2]], [r.score for r in results[1::2]])
+            report["pairs"]["judge"]["parse_failures"] = sum(r.parse_failures for r in results)
+            report["pairs"]["judge"]["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def _score_all(judge: Judge, items: list[JudgeItem]):
+    chunk = max(1, judge.backend.chunk_prompts // (judge.samples if judge.mode == "sampled" else 1))
+    results = []
+    with progress_bar("judging", len(items)) as advance:
+        for start in range(0, len(items), chunk):
+            results += judge.score(items[start : start + chunk])
+            advance(min(chunk, len(items) - start))
+    return results
+
+
+def sampling(temperature: float, top_p: float, max_new_tokens: int, seed: int) -> Sampling:
+    return Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+
+
+def write_report(path: Path | None, report: dict) -> None:
+    if path:
+        write_json_atomic(path, report)
+    Console().print_json(data=report)

@@ -1,0 +1,172 @@
+"""How well a judge agrees with humans: the reward-modelling metrics of Yuan et al. (2024).
+
+Two kinds of human data:
+- ranked: several responses per instruction with a human rank (0 = best), e.g. oasst1 first turns;
+  metrics: pairwise accuracy, 5-best %, exact match %, Spearman and Kendall correlation.
+- pairs: chosen vs rejected (e.g. hh-rlhf); metric: pairwise accuracy.
+
+Definitions. Pairwise accuracy: over all pairs of responses to one instruction with different human
+ranks, the share the judge orders the same way (a tie or a missing score counts as a miss). 5-best %: the
+share of instructions whose human-best response gets the top score, 5 (a mean score of k samples counts
+when it is 5). Exact match %: the share of instructions whose full ranking by the judge (ties not
+allowed) equals the human one. Spearman and Kendall (tau-b): rank correlation of judge scores with human
+ranks per instruction, averaged over instructions where both are defined.
+
+A length baseline (longer response = better) is reported beside every judge: on real oasst1 first turns
+it is hard to beat, so a judge that does not beat it has learned little beyond length.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from selfreward.errors import UserError
+from selfreward.jsonl import read_jsonl
+
+
+@dataclass(frozen=True)
+class RankedPrompt:
+    id: str
+    instruction: str
+    responses: tuple[str, ...]
+    ranks: tuple[int, ...]  # 0 = best
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    id: str
+    instruction: str
+    chosen: str
+    rejected: str
+
+
+def load_ranked(path: str | Path) -> list[RankedPrompt]:
+    """Ranked responses: our format {id, instruction, responses: [{text, rank}]}, or oasst1 message rows."""
+    from selfreward.seeds import oasst1_first_turns
+
+    records = _read_records(path)
+    if records and "message_id" in records[0]:
+        return [
+            RankedPrompt(root["message_id"], root["text"], tuple(r["text"] for r in replies), tuple(r["rank"] for r in replies))
+            for root, replies in oasst1_first_turns(records) if len(replies) >= 2
+        ]
+    prompts = []
+    for number, record in enumerate(records, start=1):
+        responses = record.get("responses")
+        if not isinstance(record.get("instruction"), str) or not isinstance(responses, list) or len(responses) < 2 or not all(
+            isinstance(r, dict) and isinstance(r.get("text"), str) and isinstance(r.get("rank"), int) for r in responses
+        ):
+            raise UserError(f"{path}:{number}: expected {{instruction, responses: [{{text, rank}}, ...]}} with 2+ responses")
+        prompts.append(RankedPrompt(str(record.get("id", number)), record["instruction"],
+                                    tuple(r["text"] for r in responses), tuple(r["rank"] for r in responses)))
+    return prompts
+
+
+def split_dialogue(text: str) -> tuple[str, str]:
+    """hh-rlhf dialogue → (conversation before the last assistant turn, that turn)."""
+    marker = "\n\nAssistant:"
+    cut = text.rfind(marker)
+    if cut < 0:
+        return "", text.strip()
+    return text[:cut].strip(), text[cut + len(marker):].strip()
+
+
+def load_pairs(path: str | Path) -> list[PreferencePair]:
+    """Chosen/rejected pairs: {prompt|instruction, chosen, rejected}, or hh-rlhf dialogues (.jsonl or .jsonl.gz)."""
+    pairs = []
+    for number, record in enumerate(_read_records(path), start=1):
+        chosen, rejected = record.get("chosen"), record.get("rejected")
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            raise UserError(f"{path}:{number}: expected string fields 'chosen' and 'rejected'")
+        instruction = record.get("prompt") or record.get("instruction")
+        if isinstance(instruction, str):
+            pairs.append(PreferencePair(str(record.get("id", number)), instruction, chosen, rejected))
+            continue
+        context, chosen_turn = split_dialogue(chosen)
+        _, rejected_turn = split_dialogue(rejected)
+        pairs.append(PreferencePair(str(record.get("id", number)), context, chosen_turn, rejected_turn))
+    return pairs
+
+
+def _read_records(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if path.suffix != ".gz":
+        return read_jsonl(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    records = []
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    return records
+
+
+def _agrees(a: float | None, b: float | None) -> bool:
+    """Judge prefers the first (human-better) response."""
+    return a is not None and b is not None and a > b
+
+
+def ranked_metrics(
+    scores: Sequence[Sequence[float | None]], ranks: Sequence[Sequence[int]], on_rubric: bool = True
+) -> dict[str, float | int | None]:
+    """All five metrics over prompts; `scores[i][j]` is the judge's score of response j of prompt i.
+
+    `on_rubric=False` (scores not on the 0-5 scale, like the length baseline) leaves 5-best % undefined.
+    """
+    from scipy.stats import kendalltau, spearmanr
+
+    agree = total = best5 = exact = 0
+    spearman, kendall = [], []
+    for row, human in zip(scores, ranks):
+        for i, j in combinations(range(len(row)), 2):
+            if human[i] == human[j]:
+                continue
+            total += 1
+            better, worse = (i, j) if human[i] < human[j] else (j, i)
+            agree += _agrees(row[better], row[worse])
+        best = min(range(len(row)), key=lambda k: human[k])
+        best5 += row[best] is not None and row[best] >= 5
+        if all(s is not None for s in row) and len(set(row)) == len(row):
+            exact += sorted(range(len(row)), key=lambda k: -row[k]) == sorted(range(len(row)), key=lambda k: human[k])
+        if all(s is not None for s in row) and len(set(row)) > 1 and len(set(human)) > 1:
+            negated = [-h for h in human]  # rank 0 is best: correlate scores with -rank
+            rho, tau = spearmanr(row, negated).statistic, kendalltau(row, negated).statistic
+            if not math.isnan(rho):
+                spearman.append(rho)
+            if not math.isnan(tau):
+                kendall.append(tau)
+    prompts = len(scores)
+    return {
+        "prompts": prompts,
+        "pairs": total,
+        "pairwise_accuracy": _pct(agree, total),
+        "five_best": _pct(best5, prompts) if on_rubric else None,
+        "exact_match": _pct(exact, prompts),
+        "spearman": round(sum(spearman) / len(spearman), 4) if spearman else None,
+        "kendall_tau": round(sum(kendall) / len(kendall), 4) if kendall else None,
+    }
+
+
+def pair_metrics(chosen: Sequence[float | None], rejected: Sequence[float | None]) -> dict[str, float | int | None]:
+    agree = sum(_agrees(c, r) for c, r in zip(chosen, rejected))
+    return {"pairs": len(chosen), "pairwise_accuracy": _pct(agree, len(chosen))}
+
+
+def _pct(part: int, whole: int) -> float | None:
+    return round(100.0 * part / whole, 2) if whole else None
+
+
+def length_scores(texts: Sequence[str]) -> list[float]:
+    """The length baseline: a longer response scores higher."""
+    return [float(len(t)) for t in texts]

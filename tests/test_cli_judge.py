@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from selfreward import cli_judge
+from selfreward.backends import open_backend
+from selfreward.jsonl import read_jsonl
+from selfreward.recipe import BackendSection
+from tests.conftest import ScriptedJudge
+
+
+@pytest.fixture()
+def opened(monkeypatch, tiny_model):
+    calls = []
+
+    def fake_open(model, endpoint, api, backend, dtype, concurrency, timeout):
+        calls.append(model)
+        return ScriptedJudge(open_backend(tiny_model, BackendSection(kind="transformers", dtype="float32")))
+
+    monkeypatch.setattr(cli_judge, "open_judge_backend", fake_open)
+    return calls
+
+
+def write_items(path, count):
+    path.write_text("".join(json.dumps({"id": i, "instruction": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(count)))
+
+
+def test_judge_file_mode_scores_every_item_and_resumes_by_id(tmp_path, opened):
+    from selfreward.cli import app
+
+    items, out = tmp_path / "items.jsonl", tmp_path / "scored.jsonl"
+    write_items(items, 5)
+    out.write_text(json.dumps({"id": 0, "score": 2.0, "scores": [2], "judgments": ["Score: 2"], "parse_failures": 0}) + "\n")
+    result = CliRunner().invoke(app, ["judge", "-i", str(items), "-o", str(out), "-m", "tiny", "-k", "2"])
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert [r["id"] for r in records] == [0, 1, 2, 3, 4]  # item 0 kept, not redone
+    assert all(len(r["scores"]) == 2 and r["score"] is not None for r in records[1:])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"id": 1, "instruction": "q", "response": "a"}\n{"id": 2, "instruction": "q"}\n', "items.jsonl:2: missing field 'response'"),
+        ('{"id": 1, "instruction": "q", "response": "a"}\n{"id": 1, "instruction": "q", "response": "b"}\n', "items.jsonl:2: duplicate id '1'"),
+        ('{"instruction": "q", "response": "a"}\n', "items.jsonl:1: field 'id' must be"),
+        ("", "no items to judge"),
+    ],
+)
+def test_bad_input_fails_before_any_model_is_loaded(tmp_path, opened, content, message):
+    from selfreward.cli import app
+
+    items = tmp_path / "items.jsonl"
+    items.write_text(content)
+    result = CliRunner().invoke(app, ["judge", "-i", str(items), "-o", str(tmp_path / "out.jsonl"), "-m", "tiny"])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert opened == [] and not (tmp_path / "out.jsonl").exists()

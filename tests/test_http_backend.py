@@ -1,0 +1,78 @@
+"""The OpenAI-compatible backend against a small local server (standard library), not a real model."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from selfreward.backends.base import Sampling
+from selfreward.backends.http import HttpBackend
+from selfreward.errors import UserError
+from selfreward.judge import Judge, JudgeItem
+
+
+class Handler(BaseHTTPRequestHandler):
+    failures_left = 0
+    requests: list = []
+
+    def do_POST(self):  # noqa: N802 - the http.server API
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Handler.requests.append((self.path, body))
+        if Handler.failures_left > 0:
+            Handler.failures_left -= 1
+            self.send_response(503)
+            self.end_headers()
+            return
+        # A judge that rambles past its score: the backend must cut at "Score: N" itself.
+        content = "Relevant and clear.\nScore: 4\nMore text.\nScore: 1"
+        if self.path.endswith("/chat/completions"):
+            choices = [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}] * body["n"]
+        else:
+            choices = [{"text": content, "finish_reason": "length"}] * body["n"]
+        payload = json.dumps({"choices": choices, "usage": {"completion_tokens": 9 * body["n"]}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def server():
+    Handler.requests, Handler.failures_left = [], 0
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_chat_judging_through_an_endpoint(server):
+    backend = HttpBackend(server, "judge-model", api="chat", concurrency=4)
+    results = Judge(backend, samples=3).score([JudgeItem("q1", "a1"), JudgeItem("q2", "a2")])
+    assert [r.scores for r in results] == [[4, 4, 4], [4, 4, 4]]
+    path, body = Handler.requests[0]
+    assert path == "/v1/chat/completions" and body["n"] == 3 and body["model"] == "judge-model"
+    assert "stop" not in body  # kept stop strings are applied locally
+    assert "<response>\na1\n</response>" in body["messages"][0]["content"]
+
+
+def test_retries_with_backoff_on_server_errors(server, monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    Handler.failures_left = 2
+    backend = HttpBackend(server, "m", retries=3, concurrency=1)
+    (row,) = backend.generate([backend.text_prompt("hi")], 1, Sampling(max_new_tokens=5))
+    assert row[0].text.startswith("Relevant") and len(Handler.requests) == 3
+
+
+def test_unreachable_endpoint_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    backend = HttpBackend("http://127.0.0.1:9", "m", retries=1, timeout=2)
+    with pytest.raises(UserError, match=r"endpoint http://127\.0\.0\.1:9/v1: unreachable"):
+        backend.generate([backend.text_prompt("hi")], 1, Sampling())
