@@ -216,6 +216,7 @@ def judge_eval(
 
     def action() -> None:
         from selfreward import cli_judge
+        from selfreward.evaluation import evaluate_judge
         from selfreward.judge import Judge
 
         _setup_logging(verbose)
@@ -223,16 +224,50 @@ def judge_eval(
             raise UserError("judge-eval: give --ranked and/or --pairs")
         if mode not in ("sampled", "expected"):
             raise UserError(f"--mode: must be 'sampled' or 'expected', not '{mode}'")
-        cli_judge.evaluate(None, ranked, pairs, limit)  # validates the data before any model load
+        evaluate_judge(None, ranked, pairs, limit)  # validates the data before any model load
         scorer, judge_backend = None, None
         if model:
             judge_backend = cli_judge.open_judge_backend(model, endpoint, api, backend, "bfloat16", 8, 120.0)
             scorer = Judge(judge_backend, None, mode, samples, cli_judge.sampling(temperature, top_p, max_new_tokens, seed))
         try:
-            cli_judge.write_report(report_path, cli_judge.evaluate(scorer, ranked, pairs, limit))
+            cli_judge.write_report(report_path, evaluate_judge(scorer, ranked, pairs, limit))
         finally:
             if judge_backend:
                 judge_backend.close()
+
+    _guard(action)
+
+
+@app.command("eft-build")
+def eft_build(
+    model: Annotated[str, typer.Option("--model", "-m", help="The IFT-trained model that writes the judgments.")],
+    ranked: Annotated[Path, typer.Option(help="Human-ranked responses: oasst1 messages or {instruction, responses: [{text, rank}]}.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="EFT JSONL to write (data.eft format).")],
+    samples: Annotated[int, typer.Option("--samples", "-k", min=1, help="Judgment sets tried per prompt.")] = 3,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N prompts.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 192,
+    verbose: VerboseOption = False,
+) -> None:
+    """Build EFT seed data as the paper did: sample judgments of human-ranked responses from the
+    IFT-trained model; keep a prompt's judgments only where their scores order its responses as humans did."""
+
+    def action() -> None:
+        from selfreward import cli_judge
+        from selfreward.evaluation import load_ranked
+        from selfreward.jsonl import write_jsonl_atomic
+        from selfreward.judge import Judge
+        from selfreward.seeds import judged_eft
+
+        _setup_logging(verbose)
+        prompts = load_ranked(ranked)[:limit]
+        backend = cli_judge.open_judge_backend(model, None, "chat", "auto", "bfloat16", 8, 120.0)
+        try:
+            judge = Judge(backend, None, "sampled", samples, cli_judge.sampling(0.7, 0.9, max_new_tokens, 0))
+            records, kept = judged_eft(judge, prompts, max(1, backend.chunk_prompts // samples))
+        finally:
+            backend.close()
+        write_jsonl_atomic(output, records)
+        console.print(f"kept {kept} of {len(prompts)} prompts ({len(records)} EFT examples) in {output}", highlight=False)
 
     _guard(action)
 

@@ -77,50 +77,6 @@ def judge_file(judge: Judge, items: list[dict], output: Path, chunk: int) -> dic
     }
 
 
-def evaluate(judge: Judge | None, ranked: Path | None, pairs: Path | None, limit: int | None) -> dict[str, Any]:
-    """Judge (and the length baseline) against human preferences; judge None = baseline only."""
-    from selfreward.evaluation import length_scores, load_pairs, load_ranked, pair_metrics, ranked_metrics
-
-    report: dict[str, Any] = {}
-    if ranked:
-        prompts = load_ranked(ranked)[:limit]
-        report["ranked"] = {"file": str(ranked), "length_baseline": ranked_metrics(
-            [length_scores(p.responses) for p in prompts], [p.ranks for p in prompts], on_rubric=False)}
-        if judge:
-            started = time.perf_counter()
-            flat = [JudgeItem(p.instruction, r) for p in prompts for r in p.responses]
-            results = _score_all(judge, flat)
-            scores, position = [], 0
-            for p in prompts:
-                scores.append([r.score for r in results[position : position + len(p.responses)]])
-                position += len(p.responses)
-            report["ranked"]["judge"] = ranked_metrics(scores, [p.ranks for p in prompts])
-            report["ranked"]["judge"]["parse_failures"] = sum(r.parse_failures for r in results)
-            report["ranked"]["judge"]["seconds"] = round(time.perf_counter() - started, 1)
-    if pairs:
-        items = load_pairs(pairs)[:limit]
-        report["pairs"] = {"file": str(pairs), "length_baseline": pair_metrics(
-            [len(p.chosen) for p in items], [len(p.rejected) for p in items])}
-        if judge:
-            started = time.perf_counter()
-            flat = [JudgeItem(p.instruction, text) for p in items for text in (p.chosen, p.rejected)]
-            results = _score_all(judge, flat)
-            report["pairs"]["judge"] = pair_metrics([r.score for r in results[0::2]], [r.score for r in results[1::2]])
-            report["pairs"]["judge"]["parse_failures"] = sum(r.parse_failures for r in results)
-            report["pairs"]["judge"]["seconds"] = round(time.perf_counter() - started, 1)
-    return report
-
-
-def _score_all(judge: Judge, items: list[JudgeItem]):
-    chunk = max(1, judge.backend.chunk_prompts // (judge.samples if judge.mode == "sampled" else 1))
-    results = []
-    with progress_bar("judging", len(items)) as advance:
-        for start in range(0, len(items), chunk):
-            results += judge.score(items[start : start + chunk])
-            advance(min(chunk, len(items) - start))
-    return results
-
-
 def sampling(temperature: float, top_p: float, max_new_tokens: int, seed: int) -> Sampling:
     return Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -29,6 +30,8 @@ from typing import Any
 
 from selfreward.errors import UserError
 from selfreward.jsonl import read_jsonl
+from selfreward.judge import Judge, JudgeItem
+from selfreward.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -170,3 +173,45 @@ def _pct(part: int, whole: int) -> float | None:
 def length_scores(texts: Sequence[str]) -> list[float]:
     """The length baseline: a longer response scores higher."""
     return [float(len(t)) for t in texts]
+
+
+def evaluate_judge(judge: Judge | None, ranked: Path | None, pairs: Path | None, limit: int | None) -> dict[str, Any]:
+    """Judge (and the length baseline) against human preferences; judge None = baseline only."""
+    report: dict[str, Any] = {}
+    if ranked:
+        prompts = load_ranked(ranked)[:limit]
+        report["ranked"] = {"file": str(ranked), "length_baseline": ranked_metrics(
+            [length_scores(p.responses) for p in prompts], [p.ranks for p in prompts], on_rubric=False)}
+        if judge:
+            started = time.perf_counter()
+            flat = [JudgeItem(p.instruction, r) for p in prompts for r in p.responses]
+            results = _score_all(judge, flat)
+            scores, position = [], 0
+            for p in prompts:
+                scores.append([r.score for r in results[position : position + len(p.responses)]])
+                position += len(p.responses)
+            report["ranked"]["judge"] = ranked_metrics(scores, [p.ranks for p in prompts])
+            report["ranked"]["judge"]["parse_failures"] = sum(r.parse_failures for r in results)
+            report["ranked"]["judge"]["seconds"] = round(time.perf_counter() - started, 1)
+    if pairs:
+        items = load_pairs(pairs)[:limit]
+        report["pairs"] = {"file": str(pairs), "length_baseline": pair_metrics(
+            [len(p.chosen) for p in items], [len(p.rejected) for p in items])}
+        if judge:
+            started = time.perf_counter()
+            flat = [JudgeItem(p.instruction, text) for p in items for text in (p.chosen, p.rejected)]
+            results = _score_all(judge, flat)
+            report["pairs"]["judge"] = pair_metrics([r.score for r in results[0::2]], [r.score for r in results[1::2]])
+            report["pairs"]["judge"]["parse_failures"] = sum(r.parse_failures for r in results)
+            report["pairs"]["judge"]["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def _score_all(judge: Judge, items: list[JudgeItem]):
+    chunk = max(1, judge.backend.chunk_prompts // (judge.samples if judge.mode == "sampled" else 1))
+    results = []
+    with progress_bar("judging", len(items)) as advance:
+        for start in range(0, len(items), chunk):
+            results += judge.score(items[start : start + chunk])
+            advance(min(chunk, len(items) - start))
+    return results

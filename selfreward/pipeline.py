@@ -19,7 +19,11 @@ import logging
 from statistics import mean
 from typing import Any
 
-from selfreward.backends import Backend, open_backend
+from pathlib import Path
+
+from selfreward.backends import Backend, Sampling, open_backend
+from selfreward.evaluation import evaluate_judge
+from selfreward.judge import Judge
 from selfreward.errors import UserError
 from selfreward.jsonl import read_jsonl, write_json_atomic
 from selfreward.models import resolve_model
@@ -81,6 +85,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> list[dict[str, Any]]:
             stage_prompts(recipe, run_dir, t, models)
             stage_responses(recipe, run_dir, t, models)
             stage_judgments(recipe, run_dir, t, models)
+            stage_judge_eval(recipe, run_dir, t, models)
             stage_pairs(recipe, run_dir, t)
             models.close()
             stage_dpo(recipe, run_dir, t)
@@ -158,6 +163,25 @@ def stage_judgments(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> 
     return result
 
 
+def stage_judge_eval(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> dict | None:
+    """How well M_t judges, against held-out human preferences (recipe `evaluation`); skipped if unset."""
+    config = recipe.evaluation
+    if not (config.ranked or config.pairs):
+        return None
+    if (done := _skip(run_dir, f"iter{t}/judge_eval")) is not None:
+        return done
+    backend = models.get(_require_model(recipe, run_dir, t))
+    sampling = Sampling(recipe.judge.temperature, recipe.judge.top_p, recipe.judge.max_new_tokens, seed=recipe.seed)
+    judge = Judge(backend, load_template(recipe.judge.template, "judge.txt", ("instruction", "response")),
+                  config.mode, recipe.judge.samples, sampling)
+    ranked = Path(config.ranked) if config.ranked else None
+    pairs = Path(config.pairs) if config.pairs else None
+    result = evaluate_judge(judge, ranked, pairs, config.limit)
+    write_json_atomic(run_dir.iteration(t) / "judge_eval.json", result)
+    run_dir.mark_done(f"iter{t}/judge_eval", result)
+    return result
+
+
 def stage_pairs(recipe: Recipe, run_dir: RunDir, t: int) -> dict:
     if (done := _skip(run_dir, f"iter{t}/pairs")) is not None:
         return done
@@ -185,6 +209,7 @@ def iteration_metrics(run_dir: RunDir, t: int) -> dict[str, Any]:
         "prompts": stages["prompts"].get("prompts"),
         "responses": stages["responses"].get("responses"),
         "mean_response_tokens": stages["responses"].get("mean_tokens"),
+        "responses_cut": stages["responses"].get("unfinished"),
         "judgments": stages["judgments"].get("judge_samples"),
         "parse_failures": stages["judgments"].get("parse_failures"),
         "mean_score": stages["judgments"].get("mean_score"),
@@ -192,8 +217,16 @@ def iteration_metrics(run_dir: RunDir, t: int) -> dict[str, Any]:
         "ties_dropped": stages["pairs"].get("ties_dropped"),
         "unscored_dropped": stages["pairs"].get("unscored_dropped"),
         "dpo_loss": [stages["dpo"].get("first_loss"), stages["dpo"].get("last_loss")],
+        "judge_pairwise_accuracy": _judge_accuracy(run_dir.done_record(f"iter{t}/judge_eval")),
         "seconds": {name: stages[name].get("seconds") for name in ITERATION_STAGES},
     }
+
+
+def _judge_accuracy(record: dict | None) -> float | None:
+    if not record:
+        return None
+    part = record.get("ranked") or record.get("pairs") or {}
+    return (part.get("judge") or {}).get("pairwise_accuracy")
 
 
 def write_metrics(run_dir: RunDir, t: int) -> None:

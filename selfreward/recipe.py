@@ -129,6 +129,17 @@ class JudgeSection(SamplingSection):
     template: str | None = None
 
 
+class EvaluationSection(Section):
+    """Judge agreement with humans, measured with M_t at every iteration on held-out data (not trained on)."""
+
+    # Human-ranked responses (oasst1 messages or {instruction, responses: [{text, rank}]}) and/or
+    # chosen/rejected pairs (hh-rlhf or {prompt, chosen, rejected}); None = not measured.
+    ranked: str | None = None
+    pairs: str | None = None
+    limit: int = Field(50, ge=1)
+    mode: Literal["sampled", "expected"] = "expected"
+
+
 class Recipe(Section):
     name: str = "run"
     seed: int = 0
@@ -141,6 +152,7 @@ class Recipe(Section):
     responses: ResponsesSection = ResponsesSection()
     judge: JudgeSection = JudgeSection()
     dpo: DpoSection = DpoSection()
+    evaluation: EvaluationSection = EvaluationSection()
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -1,4 +1,4 @@
-"""The end-of-run summary: one row per iteration, from the run directory's completion records."""
+"""The end-of-run summary: one column per iteration, from the run directory's completion records."""
 
 from __future__ import annotations
 
@@ -6,27 +6,28 @@ from typing import Any
 
 from rich.table import Table
 
-COLUMNS = [
-    ("iter", "iteration"), ("prompts", "prompts"), ("responses", "responses"), ("judgments", "judgments"),
-    ("parse fail", "parse_failures"), ("mean score", "mean_score"), ("pairs", "pairs"),
-    ("ties", "ties_dropped"), ("resp. tokens", "mean_response_tokens"),
+ROWS = [
+    ("prompts", "prompts"), ("responses", "responses"), ("judgments", "judgments"),
+    ("parse failures", "parse_failures"), ("mean score", "mean_score"), ("pairs", "pairs"),
+    ("ties dropped", "ties_dropped"), ("unscored dropped", "unscored_dropped"),
+    ("mean response tokens", "mean_response_tokens"), ("responses cut at max tokens", "responses_cut"),
 ]
-STAGE_COLUMNS = ["prompts", "responses", "judgments", "pairs", "dpo"]
+STAGES = ["prompts", "responses", "judgments", "pairs", "dpo"]
 
 
 def summary_table(rows: list[dict[str, Any]], sft: dict | None) -> Table:
+    """Iterations as columns, so the table fits a terminal whatever the number of metrics."""
     title = "selfreward run"
     if sft:
-        title += f" — SFT: {sft.get('examples')} examples, {sft.get('seconds')} s"
+        title += f" (SFT: {sft.get('examples')} examples, {sft.get('seconds')} s)"
     table = Table(title=title)
-    for header, _ in COLUMNS:
-        table.add_column(header, justify="right")
-    for stage in STAGE_COLUMNS:
-        table.add_column(f"{stage} s", justify="right")
+    table.add_column("")
     for row in rows:
-        cells = [_cell(row.get(key)) for _, key in COLUMNS]
-        cells += [_cell(row["seconds"].get(stage)) for stage in STAGE_COLUMNS]
-        table.add_row(*cells)
+        table.add_column(f"iter {row['iteration']}", justify="right")
+    for label, key in ROWS:
+        table.add_row(label, *(_cell(row.get(key)) for row in rows))
+    for stage in STAGES:
+        table.add_row(f"{stage} seconds", *(_cell(row["seconds"].get(stage)) for row in rows))
     return table
 
 

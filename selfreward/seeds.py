@@ -117,3 +117,41 @@ def load_seeds(data, seed: int) -> tuple[list[dict], list[dict]]:
     if not ift:
         raise UserError("data: no IFT seed examples (set data.ift or data.oasst1)")
     return subsample(ift, data.max_ift, seed), subsample(eft, data.max_eft, seed)
+
+
+def orders_as_humans(scores: list[int], ranks: tuple[int, ...]) -> bool:
+    """True when every response humans ranked better gets a strictly higher score."""
+    return all(scores[i] > scores[j] for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j])
+
+
+def judged_eft(judge, prompts: list, chunk: int = 16) -> tuple[list[dict], int]:
+    """The paper's EFT targets: judgments sampled from the IFT-trained model, kept for a prompt only when
+    one sample's scores order all its responses as the humans ranked them. Returns (records, prompts kept).
+
+    `prompts` are `evaluation.RankedPrompt`s; sample s of every response of a prompt forms one candidate set.
+    """
+    from selfreward.judge import JudgeItem
+    from selfreward.progress import progress_bar
+
+    items = [JudgeItem(p.instruction, r) for p in prompts for r in p.responses]
+    results = []
+    with progress_bar("EFT judgments", len(items)) as advance:
+        for start in range(0, len(items), chunk):
+            results += judge.score(items[start : start + chunk])
+            advance(min(chunk, len(items) - start))
+    records, kept, position = [], 0, 0
+    for prompt in prompts:
+        group = results[position : position + len(prompt.responses)]
+        position += len(prompt.responses)
+        for sample in range(judge.samples):
+            scores = [r.scores[sample] if sample < len(r.scores) else None for r in group]
+            if None in scores or not orders_as_humans(scores, prompt.ranks):
+                continue
+            kept += 1
+            records += [
+                {"id": f"{prompt.id}-{j}", "instruction": prompt.instruction, "response": text,
+                 "judgment": group[j].texts[sample], "score": scores[j]}
+                for j, text in enumerate(prompt.responses)
+            ]
+            break
+    return records, kept

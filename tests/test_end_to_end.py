@@ -1,24 +1,31 @@
-"""The real embedded model (Gemma 3 270M base) through the whole loop with a minimal recipe."""
+"""The real embedded model (Gemma 3 270M base) through the whole loop with a minimal recipe,
+killed (SIGKILL) in the middle of judging and resumed."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from selfreward.cli import app
 from selfreward.jsonl import read_jsonl
 from selfreward.rundir import RunDir
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
 RECIPE = {
     "seed": 0, "iterations": 1,
     "model": {"base": "embedded:gemma3-270m"},
-    "backend": {"kind": "transformers", "dtype": "bfloat16", "batch_size": 48},
+    "backend": {"kind": "transformers", "dtype": "bfloat16", "batch_size": 16},  # judge chunks of 8 items
     "data": {"ift": "data/ift.jsonl", "eft": "data/eft.jsonl", "max_ift": 8, "max_eft": 16},
-    "sft": {"epochs": 1, "learning_rate": 1e-4, "batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 512},
-    "prompts": {"count": 4, "max_new_tokens": 40},
+    "sft": {"epochs": 1, "learning_rate": 2e-4, "batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 512,
+            "lora": {"enabled": True, "r": 16, "alpha": 32}},
+    "prompts": {"model": "embedded:gemma3-270m", "count": 4, "max_new_tokens": 40},
     "responses": {"n": 4, "max_new_tokens": 48},
     "judge": {"samples": 2, "max_new_tokens": 64},
     "dpo": {"learning_rate": 2e-5, "batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 256,
@@ -26,20 +33,43 @@ RECIPE = {
 }
 
 
-def test_real_model_runs_the_loop_and_resumes(tmp_path):
+def iterate(recipe, out):
+    return subprocess.Popen([sys.executable, "-m", "selfreward", "iterate", "-r", str(recipe), "-o", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_real_model_runs_the_loop_survives_a_kill_and_resumes(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["iterate", "-r", str(recipe), "-o", str(out)])
-    assert result.exit_code == 0, result.output
     run = RunDir(out)
+    process = iterate(recipe, out)
+    deadline = time.time() + 1500
+    while not (run.judgments(1).exists() and run.judgments(1).stat().st_size > 0):  # first chunk on disk
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = read_jsonl(run.judgments(1))
+    assert 0 < len(partial) < 16 and not run.is_done("iter1/judgments")
+
+    process = iterate(recipe, out)
+    output, _ = process.communicate(timeout=1500)
+    assert process.returncode == 0, output
+    responses = read_jsonl(run.responses(1))
     judgments = read_jsonl(run.judgments(1))
-    assert len(read_jsonl(run.prompts(1))) == 4 and len(judgments) == 16
+    assert len(read_jsonl(run.prompts(1))) == 4 and Counter(r["prompt_id"] for r in responses) == Counter({p: 4 for p in {r["prompt_id"] for r in responses}})
+    assert sorted(j["id"] for j in judgments) == sorted(r["id"] for r in responses)  # none lost, none twice
+    assert [j["id"] for j in judgments[: len(partial)]] == [j["id"] for j in partial]  # kept, not redone
     # After SFT on EFT data the model writes parseable judgments at least some of the time.
     assert sum(len(j["scores"]) - j["parse_failures"] for j in judgments) > 0
     assert (run.model(1) / "model.safetensors").is_file()
-    assert "mean score" in result.output  # the summary table
+    assert "mean score" in output  # the summary table
+
     stamps = {path: path.stat().st_mtime_ns for path in (out / "done").rglob("*.json")}
-    again = CliRunner().invoke(app, ["iterate", "-r", str(recipe), "-o", str(out)])
-    assert again.exit_code == 0, again.output
+    process = iterate(recipe, out)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
     assert {path: path.stat().st_mtime_ns for path in (out / "done").rglob("*.json")} == stamps  # nothing redone
+    assert "backend" not in output  # no model was even loaded

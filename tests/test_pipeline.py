@@ -119,3 +119,19 @@ def test_stage_commands_refuse_to_run_out_of_order(tiny_model, tmp_path):
     run.bind_recipe(recipe)
     with pytest.raises(UserError, match="stage 'iter1/judgments' has not finished"):
         pipeline.stage_pairs(recipe, run, 1)
+
+
+def test_each_iteration_measures_the_judge_on_held_out_human_rankings(tiny_model, tmp_path, scripted):
+    ranked = tmp_path / "ranked.jsonl"
+    ranked.write_text("".join(
+        json.dumps({"id": i, "instruction": f"question {i}", "responses": [{"text": "short", "rank": 1}, {"text": "a longer answer", "rank": 0}]}) + "\n"
+        for i in range(3)
+    ))
+    recipe = parse_recipe(tiny_recipe(tiny_model, iterations=1, sft={"enabled": False},
+                                      evaluation={"ranked": str(ranked), "mode": "expected"}), "tiny")
+    run = RunDir(tmp_path / "run")
+    (row,) = pipeline.run(recipe, run)
+    report = json.loads((run.iteration(1) / "judge_eval.json").read_text())
+    assert report["ranked"]["judge"]["prompts"] == 3 and report["ranked"]["judge"]["pairs"] == 3
+    assert report["ranked"]["length_baseline"]["pairwise_accuracy"] == 100  # the longer answer is the better here
+    assert row["judge_pairwise_accuracy"] == report["ranked"]["judge"]["pairwise_accuracy"]

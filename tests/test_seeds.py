@@ -57,3 +57,33 @@ def test_oasst1_first_turns_become_ift_and_ranked_eft():
     for records in by_prompt.values():
         ordered = sorted(records, key=lambda r: r["rank"])
         assert [r["score"] for r in ordered] == sorted((r["score"] for r in ordered), reverse=True)
+
+
+def test_judged_eft_keeps_only_judgment_sets_that_order_responses_as_humans(tiny_model):
+    from selfreward.backends.base import Backend, Completion
+    from selfreward.evaluation import RankedPrompt
+    from selfreward.judge import Judge
+    from selfreward.models import load_tokenizer
+    from selfreward.seeds import judged_eft, orders_as_humans
+
+    class Scripted(Backend):
+        chunk_prompts = 64
+
+        def __init__(self, scores_by_response):
+            self.tokenizer = load_tokenizer(tiny_model)
+            self.scores = scores_by_response
+
+        def generate(self, prompts, n, sampling):
+            return [[Completion(f"ok\nScore: {s}", 3, True) for s in self.scores[next(r for r in self.scores if r in p)]] for p in prompts]
+
+        def next_token_probs(self, prompts, token_ids):
+            raise NotImplementedError
+
+    assert orders_as_humans([5, 3, 1], (0, 1, 2)) and not orders_as_humans([3, 3, 1], (0, 1, 2))
+    prompts = [RankedPrompt("a", "qa", ("best-a", "worst-a"), (0, 1)), RankedPrompt("b", "qb", ("best-b", "worst-b"), (0, 1))]
+    # Prompt a: sample 0 disagrees with the humans, sample 1 agrees. Prompt b: no sample agrees.
+    backend = Scripted({"best-a": [1, 4], "worst-a": [3, 2], "best-b": [2, 2], "worst-b": [2, 5]})
+    records, kept = judged_eft(Judge(backend, samples=2), prompts)
+    assert kept == 1
+    assert [(r["response"], r["score"]) for r in records] == [("best-a", 4), ("worst-a", 2)]
+    assert all(r["judgment"].endswith(f"Score: {r['score']}") for r in records)
