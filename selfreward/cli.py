@@ -183,11 +183,10 @@ def judge(
         judge_backend = cli_judge.open_judge_backend(model, endpoint, api, backend, "bfloat16", concurrency, timeout)
         try:
             scorer = Judge(judge_backend, text, mode, samples, cli_judge.sampling(temperature, top_p, max_new_tokens, seed))
-            chunk = max(1, judge_backend.chunk_prompts // (samples if mode == "sampled" else 1))
-            result = cli_judge.judge_file(scorer, items, output, chunk)
+            result = scorer.score_file(items, output)
         finally:
             judge_backend.close()
-        console.print(f"judged {result['items']} items into {output}: mean score {result['mean_score']}, "
+        console.print(f"judged {result['judged']} items into {output}: mean score {result['mean_score']}, "
                       f"{result['parse_failures']} parse failures, {result['seconds']} s", highlight=False)
 
     _guard(action)

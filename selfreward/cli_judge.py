@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +10,7 @@ from rich.console import Console
 
 from selfreward.backends import Backend, Sampling, open_backend
 from selfreward.errors import UserError
-from selfreward.jsonl import append_jsonl, read_jsonl, resume_records, write_json_atomic
-from selfreward.judge import Judge, JudgeItem
-from selfreward.progress import progress_bar
+from selfreward.jsonl import read_jsonl, write_json_atomic
 from selfreward.recipe import BackendSection
 
 log = logging.getLogger(__name__)
@@ -51,30 +48,6 @@ def open_judge_backend(
             tokenizer = load_tokenizer(resolve_model(model))
         return HttpBackend(endpoint, model, api=api, concurrency=concurrency, timeout=timeout, tokenizer=tokenizer)
     return open_backend(resolve_model(model), BackendSection(kind=backend, dtype=dtype))
-
-
-def judge_file(judge: Judge, items: list[dict], output: Path, chunk: int) -> dict[str, Any]:
-    """Score items into `output` (JSONL), appending per chunk and skipping ids already there."""
-    started = time.perf_counter()
-    done = {str(r["id"]) for r in resume_records(output)}
-    todo = [item for item in items if str(item["id"]) not in done]
-    with progress_bar("judging", len(items), len(items) - len(todo)) as advance:
-        for start in range(0, len(todo), chunk):
-            batch = todo[start : start + chunk]
-            results = judge.score([JudgeItem(i["instruction"], i["response"]) for i in batch])
-            append_jsonl(output, (
-                {"id": item["id"], "score": r.score, "scores": r.scores, "judgments": r.texts, "parse_failures": r.parse_failures}
-                for item, r in zip(batch, results)
-            ))
-            advance(len(batch))
-    records = resume_records(output)
-    scored = [r["score"] for r in records if r["score"] is not None]
-    return {
-        "items": len(records), "judged_now": len(todo), "unscored": len(records) - len(scored),
-        "parse_failures": sum(r["parse_failures"] for r in records),
-        "mean_score": round(sum(scored) / len(scored), 3) if scored else None,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
 
 
 def sampling(temperature: float, top_p: float, max_new_tokens: int, seed: int) -> Sampling:

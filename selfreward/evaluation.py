@@ -208,7 +208,7 @@ def evaluate_judge(judge: Judge | None, ranked: Path | None, pairs: Path | None,
 
 
 def _score_all(judge: Judge, items: list[JudgeItem]):
-    chunk = max(1, judge.backend.chunk_prompts // (judge.samples if judge.mode == "sampled" else 1))
+    chunk = judge.chunk
     results = []
     with progress_bar("judging", len(items)) as advance:
         for start in range(0, len(items), chunk):

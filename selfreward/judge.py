@@ -23,10 +23,14 @@ Scoring modes:
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from selfreward.backends.base import Backend, Sampling
+from selfreward.jsonl import append_jsonl, resume_records
+from selfreward.progress import progress_bar
 from selfreward.templates import fill, load_template
 
 SCORES = range(6)
@@ -122,15 +126,16 @@ class Judge:
     def prompt(self, item: JudgeItem) -> str:
         return self.backend.chat_prompt([{"role": "user", "content": render_judge_prompt(self.template, item)}])
 
-    def score(self, items: Sequence[JudgeItem]) -> list[JudgeResult]:
-        """Judge every item; all prompts go to the backend in one call."""
+    def score(self, items: Sequence[JudgeItem], seed: int | None = None) -> list[JudgeResult]:
+        """Judge every item; all prompts go to the backend in one call. `seed` overrides the sampling seed."""
         if not items:
             return []
         if self.mode == "expected":
             return self._expected(items)
         prompts = [self.prompt(item) for item in items]
+        sampling = self.sampling if seed is None else replace(self.sampling, seed=seed)
         results = []
-        for completions in self.backend.generate(prompts, self.samples, self.sampling):
+        for completions in self.backend.generate(prompts, self.samples, sampling):
             texts = [c.text for c in completions]
             scores = [parse_score(t) for t in texts]
             parsed = [s for s in scores if s is not None]
@@ -153,6 +158,41 @@ class Judge:
             score = sum(s * p for s, p in zip(SCORES, row)) / total if total > 0 else None
             results.append(JudgeResult(score, [], [], 0 if score is not None else 1))
         return results
+
+    @property
+    def chunk(self) -> int:
+        """Items per backend call: the backend's preferred number of prompts, k of them per item."""
+        return max(1, self.backend.chunk_prompts // (self.samples if self.mode == "sampled" else 1))
+
+    def score_file(self, items: Sequence[dict], output: Path, label: str = "judging", carry: Sequence[str] = ()) -> dict:
+        """Judge `items` ({id, instruction, response, ...}) into the JSONL `output`, resumably.
+
+        Records {id, <carry fields>, score, scores, judgments, parse_failures} are appended per chunk; ids
+        already in `output` (an interrupted run) are skipped. Returns counts over the whole file.
+        """
+        started = time.perf_counter()
+        done = {str(r["id"]) for r in resume_records(output)}
+        todo = [item for item in items if str(item["id"]) not in done]
+        with progress_bar(label, len(items), len(items) - len(todo)) as advance:
+            for start in range(0, len(todo), self.chunk):
+                batch = todo[start : start + self.chunk]
+                results = self.score([JudgeItem(i["instruction"], i["response"]) for i in batch],
+                                     seed=self.sampling.seed + len(done) + start)
+                append_jsonl(output, (
+                    {"id": item["id"], **{key: item[key] for key in carry}, "score": r.score, "scores": r.scores,
+                     "judgments": r.texts, "parse_failures": r.parse_failures}
+                    for item, r in zip(batch, results)
+                ))
+                advance(len(batch))
+        records = resume_records(output)
+        scored = [r["score"] for r in records if r["score"] is not None]
+        return {
+            "judged": len(records), "judged_now": len(todo), "unscored": len(records) - len(scored),
+            "parse_failures": sum(r["parse_failures"] for r in records),
+            "judge_samples": sum(len(r["scores"]) for r in records) or len(records),
+            "mean_score": round(sum(scored) / len(scored), 3) if scored else None,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
 
     def compare(self, instruction: str, first: str, second: str) -> float | None:
         """Score difference (first minus second) for two responses to one instruction; None if unscored."""

@@ -57,10 +57,12 @@ def test_chat_judging_through_an_endpoint(server):
     backend = HttpBackend(server, "judge-model", api="chat", concurrency=4)
     results = Judge(backend, samples=3).score([JudgeItem("q1", "a1"), JudgeItem("q2", "a2")])
     assert [r.scores for r in results] == [[4, 4, 4], [4, 4, 4]]
-    path, body = Handler.requests[0]
-    assert path == "/v1/chat/completions" and body["n"] == 3 and body["model"] == "judge-model"
-    assert "stop" not in body  # kept stop strings are applied locally
-    assert "<response>\na1\n</response>" in body["messages"][0]["content"]
+    assert len(Handler.requests) == 2  # one request per item, k samples each (n=3)
+    for path, body in Handler.requests:
+        assert path == "/v1/chat/completions" and body["n"] == 3 and body["model"] == "judge-model"
+        assert "stop" not in body  # kept stop strings are applied locally
+    contents = sorted(body["messages"][0]["content"] for _, body in Handler.requests)
+    assert "<response>\na1\n</response>" in contents[0] and "<response>\na2\n</response>" in contents[1]
 
 
 def test_retries_with_backoff_on_server_errors(server, monkeypatch):

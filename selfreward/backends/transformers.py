@@ -82,7 +82,9 @@ class TransformersBackend(Backend):
         index = torch.tensor(list(token_ids), device=self.device)
         for indices, batch in self._batches(prompts, self.batch_size):
             with torch.inference_mode():
-                logits = self.model(**batch).logits[:, -1, :].float()
+                # Only the last position's logits: the full (batch, length, vocab) tensor is tens of GB
+                # for long prompts with a 262k vocabulary.
+                logits = self.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
             probs = torch.softmax(logits, dim=-1)[:, index].tolist()
             for row, values in enumerate(probs):
                 results[indices[row]] = values
