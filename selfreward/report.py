@@ -11,6 +11,7 @@ ROWS = [
     ("parse failures", "parse_failures"), ("mean score", "mean_score"), ("pairs", "pairs"),
     ("ties dropped", "ties_dropped"), ("unscored dropped", "unscored_dropped"),
     ("mean response tokens", "mean_response_tokens"), ("responses cut at max tokens", "responses_cut"),
+    ("judge pairwise acc. % (held out)", "judge_pairwise_accuracy"),
 ]
 STAGES = ["prompts", "responses", "judgments", "pairs", "dpo"]
 
