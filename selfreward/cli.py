@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Callable
 
@@ -262,7 +261,7 @@ def eft_build(
         backend = cli_judge.open_judge_backend(model, None, "chat", "auto", "bfloat16", 8, 120.0)
         try:
             judge = Judge(backend, None, "sampled", samples, cli_judge.sampling(0.7, 0.9, max_new_tokens, 0))
-            records, kept = judged_eft(judge, prompts, max(1, backend.chunk_prompts // samples))
+            records, kept = judged_eft(judge, prompts)
         finally:
             backend.close()
         write_jsonl_atomic(output, records)
@@ -281,6 +280,3 @@ def report(recipe: RecipeOption, output: OutputOption) -> None:
 
     _guard(action)
 
-
-def main() -> None:  # pragma: no cover - `python -m selfreward`
-    app(sys.argv[1:])

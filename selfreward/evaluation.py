@@ -31,7 +31,6 @@ from typing import Any
 from selfreward.errors import UserError
 from selfreward.jsonl import read_jsonl
 from selfreward.judge import Judge, JudgeItem
-from selfreward.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -185,7 +184,7 @@ def evaluate_judge(judge: Judge | None, ranked: Path | None, pairs: Path | None,
         if judge:
             started = time.perf_counter()
             flat = [JudgeItem(p.instruction, r) for p in prompts for r in p.responses]
-            results = _score_all(judge, flat)
+            results = judge.score_all(flat)
             scores, position = [], 0
             for p in prompts:
                 scores.append([r.score for r in results[position : position + len(p.responses)]])
@@ -200,18 +199,9 @@ def evaluate_judge(judge: Judge | None, ranked: Path | None, pairs: Path | None,
         if judge:
             started = time.perf_counter()
             flat = [JudgeItem(p.instruction, text) for p in items for text in (p.chosen, p.rejected)]
-            results = _score_all(judge, flat)
+            results = judge.score_all(flat)
             report["pairs"]["judge"] = pair_metrics([r.score for r in results[0::2]], [r.score for r in results[1::2]])
             report["pairs"]["judge"]["parse_failures"] = sum(r.parse_failures for r in results)
             report["pairs"]["judge"]["seconds"] = round(time.perf_counter() - started, 1)
     return report
 
-
-def _score_all(judge: Judge, items: list[JudgeItem]):
-    chunk = judge.chunk
-    results = []
-    with progress_bar("judging", len(items)) as advance:
-        for start in range(0, len(items), chunk):
-            results += judge.score(items[start : start + chunk])
-            advance(min(chunk, len(items) - start))
-    return results

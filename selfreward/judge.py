@@ -164,6 +164,16 @@ class Judge:
         """Items per backend call: the backend's preferred number of prompts, k of them per item."""
         return max(1, self.backend.chunk_prompts // (self.samples if self.mode == "sampled" else 1))
 
+    def score_all(self, items: Sequence[JudgeItem], label: str = "judging") -> list[JudgeResult]:
+        """Judge many items in backend-sized chunks, with a progress bar."""
+        results: list[JudgeResult] = []
+        with progress_bar(label, len(items)) as advance:
+            for start in range(0, len(items), self.chunk):
+                batch = items[start : start + self.chunk]
+                results += self.score(batch)
+                advance(len(batch))
+        return results
+
     def score_file(self, items: Sequence[dict], output: Path, label: str = "judging", carry: Sequence[str] = ()) -> dict:
         """Judge `items` ({id, instruction, response, ...}) into the JSONL `output`, resumably.
 

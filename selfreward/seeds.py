@@ -24,7 +24,7 @@ def load_ift(path: str | Path) -> list[dict[str, Any]]:
 
 def load_eft(path: str | Path) -> list[dict[str, Any]]:
     records = unique_ids(read_jsonl(path, EFT_FIELDS), path)
-    for number, record in enumerate(records, start=1):
+    for record in records:
         if parse_score(record["judgment"]) != record["score"]:
             raise UserError(f"{path}: record '{record['id']}': judgment does not end in 'Score: {record['score']}'")
     return records
@@ -124,21 +124,15 @@ def orders_as_humans(scores: list[int], ranks: tuple[int, ...]) -> bool:
     return all(scores[i] > scores[j] for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j])
 
 
-def judged_eft(judge, prompts: list, chunk: int = 16) -> tuple[list[dict], int]:
+def judged_eft(judge, prompts: list) -> tuple[list[dict], int]:
     """The paper's EFT targets: judgments sampled from the IFT-trained model, kept for a prompt only when
     one sample's scores order all its responses as the humans ranked them. Returns (records, prompts kept).
 
     `prompts` are `evaluation.RankedPrompt`s; sample s of every response of a prompt forms one candidate set.
     """
     from selfreward.judge import JudgeItem
-    from selfreward.progress import progress_bar
 
-    items = [JudgeItem(p.instruction, r) for p in prompts for r in p.responses]
-    results = []
-    with progress_bar("EFT judgments", len(items)) as advance:
-        for start in range(0, len(items), chunk):
-            results += judge.score(items[start : start + chunk])
-            advance(min(chunk, len(items) - start))
+    results = judge.score_all([JudgeItem(p.instruction, r) for p in prompts for r in p.responses], "EFT judgments")
     records, kept, position = [], 0, 0
     for prompt in prompts:
         group = results[position : position + len(prompt.responses)]
