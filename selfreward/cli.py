@@ -199,6 +199,7 @@ def judge_eval(
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N prompts or pairs.")] = None,
     samples: Annotated[int, typer.Option("--samples", "-k", min=1)] = 3,
     mode: Annotated[str, typer.Option(help="sampled or expected.")] = "sampled",
+    method: Annotated[str, typer.Option(help="scores (rate each response 0-5) or pairwise (compare two directly, both orders).")] = "scores",
     endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible server.")] = None,
     api: Annotated[str, typer.Option(help="Endpoint API: chat or completions.")] = "chat",
     backend: Annotated[str, typer.Option(help="Local backend: auto, vllm or transformers.")] = "auto",
@@ -222,13 +223,15 @@ def judge_eval(
             raise UserError("judge-eval: give --ranked and/or --pairs")
         if mode not in ("sampled", "expected"):
             raise UserError(f"--mode: must be 'sampled' or 'expected', not '{mode}'")
+        if method not in ("scores", "pairwise"):
+            raise UserError(f"--method: must be 'scores' or 'pairwise', not '{method}'")
         evaluate_judge(None, ranked, pairs, limit)  # validates the data before any model load
         scorer, judge_backend = None, None
         if model:
             judge_backend = cli_judge.open_judge_backend(model, endpoint, api, backend, "bfloat16", 8, 120.0)
             scorer = Judge(judge_backend, None, mode, samples, cli_judge.sampling(temperature, top_p, max_new_tokens, seed))
         try:
-            cli_judge.write_report(report_path, evaluate_judge(scorer, ranked, pairs, limit))
+            cli_judge.write_report(report_path, evaluate_judge(scorer, ranked, pairs, limit, method))
         finally:
             if judge_backend:
                 judge_backend.close()

@@ -12,6 +12,10 @@ when it is 5). Exact match %: the share of instructions whose full ranking by th
 allowed) equals the human one. Spearman and Kendall (tau-b): rank correlation of judge scores with human
 ranks per instruction, averaged over instructions where both are defined.
 
+With `method="pairwise"` the judge compares the two responses of every human-ordered pair directly
+(`Judge.pairwise`, both orders); only pairwise accuracy is defined then, reported with the share of
+pairs on which both orders agree (position consistency).
+
 A length baseline (longer response = better) is reported beside every judge: on real oasst1 first turns
 it is hard to beat, so a judge that does not beat it has learned little beyond length.
 """
@@ -30,7 +34,7 @@ from typing import Any
 
 from selfreward.errors import UserError
 from selfreward.jsonl import read_jsonl
-from selfreward.judge import Judge, JudgeItem
+from selfreward.judge import Judge, JudgeItem, JudgePair, PairwiseResult
 
 
 @dataclass(frozen=True)
@@ -131,11 +135,8 @@ def ranked_metrics(
     agree = total = best5 = exact = 0
     spearman, kendall = [], []
     for row, human in zip(scores, ranks):
-        for i, j in combinations(range(len(row)), 2):
-            if human[i] == human[j]:
-                continue
+        for better, worse in _human_ordered(human):
             total += 1
-            better, worse = (i, j) if human[i] < human[j] else (j, i)
             agree += _agrees(row[better], row[worse])
         best = min(range(len(row)), key=lambda k: human[k])
         best5 += row[best] is not None and row[best] >= 5
@@ -165,6 +166,17 @@ def pair_metrics(chosen: Sequence[float | None], rejected: Sequence[float | None
     return {"pairs": len(chosen), "pairwise_accuracy": _pct(agree, len(chosen))}
 
 
+def direct_metrics(results: Sequence[PairwiseResult]) -> dict[str, float | int | None]:
+    """Pairwise accuracy of direct comparisons whose first response is the human-preferred one."""
+    consistent = [r.consistent for r in results if r.consistent is not None]
+    return {
+        "pairs": len(results),
+        "pairwise_accuracy": _pct(sum(r.winner == "first" for r in results), len(results)),
+        "position_consistency": _pct(sum(consistent), len(consistent)),
+        "parse_failures": sum(r.parse_failures for r in results),
+    }
+
+
 def _pct(part: int, whole: int) -> float | None:
     return round(100.0 * part / whole, 2) if whole else None
 
@@ -174,34 +186,63 @@ def length_scores(texts: Sequence[str]) -> list[float]:
     return [float(len(t)) for t in texts]
 
 
-def evaluate_judge(judge: Judge | None, ranked: Path | None, pairs: Path | None, limit: int | None) -> dict[str, Any]:
-    """Judge (and the length baseline) against human preferences; judge None = baseline only."""
+def evaluate_judge(
+    judge: Judge | None, ranked: Path | None, pairs: Path | None, limit: int | None, method: str = "scores"
+) -> dict[str, Any]:
+    """Judge (and the length baseline) against human preferences; judge None = baseline only.
+
+    `method`: "scores" rates every response on the rubric; "pairwise" compares pairs directly.
+    """
     report: dict[str, Any] = {}
     if ranked:
         prompts = load_ranked(ranked)[:limit]
         report["ranked"] = {"file": str(ranked), "length_baseline": ranked_metrics(
             [length_scores(p.responses) for p in prompts], [p.ranks for p in prompts], on_rubric=False)}
         if judge:
-            started = time.perf_counter()
-            flat = [JudgeItem(p.instruction, r) for p in prompts for r in p.responses]
-            results = judge.score_all(flat)
-            scores, position = [], 0
-            for p in prompts:
-                scores.append([r.score for r in results[position : position + len(p.responses)]])
-                position += len(p.responses)
-            report["ranked"]["judge"] = ranked_metrics(scores, [p.ranks for p in prompts])
-            report["ranked"]["judge"]["parse_failures"] = sum(r.parse_failures for r in results)
-            report["ranked"]["judge"]["seconds"] = round(time.perf_counter() - started, 1)
+            report["ranked"]["judge"] = _timed(lambda: _judge_ranked(judge, prompts, method))
     if pairs:
         items = load_pairs(pairs)[:limit]
         report["pairs"] = {"file": str(pairs), "length_baseline": pair_metrics(
             [len(p.chosen) for p in items], [len(p.rejected) for p in items])}
         if judge:
-            started = time.perf_counter()
-            flat = [JudgeItem(p.instruction, text) for p in items for text in (p.chosen, p.rejected)]
-            results = judge.score_all(flat)
-            report["pairs"]["judge"] = pair_metrics([r.score for r in results[0::2]], [r.score for r in results[1::2]])
-            report["pairs"]["judge"]["parse_failures"] = sum(r.parse_failures for r in results)
-            report["pairs"]["judge"]["seconds"] = round(time.perf_counter() - started, 1)
+            report["pairs"]["judge"] = _timed(lambda: _judge_pairs(judge, items, method))
     return report
 
+
+def _timed(measure) -> dict[str, Any]:
+    started = time.perf_counter()
+    metrics = measure()
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    return metrics
+
+
+def _judge_ranked(judge: Judge, prompts: Sequence[RankedPrompt], method: str) -> dict[str, Any]:
+    if method == "pairwise":
+        return direct_metrics(judge.pairwise_all([
+            JudgePair(p.instruction, p.responses[i], p.responses[j])
+            for p in prompts for i, j in _human_ordered(p.ranks)
+        ]))
+    flat = [JudgeItem(p.instruction, r) for p in prompts for r in p.responses]
+    results = judge.score_all(flat)
+    scores, position = [], 0
+    for p in prompts:
+        scores.append([r.score for r in results[position : position + len(p.responses)]])
+        position += len(p.responses)
+    metrics = ranked_metrics(scores, [p.ranks for p in prompts])
+    metrics["parse_failures"] = sum(r.parse_failures for r in results)
+    return metrics
+
+
+def _human_ordered(ranks: Sequence[int]) -> list[tuple[int, int]]:
+    """(better, worse) index pairs of responses with different human ranks."""
+    return [(i, j) if ranks[i] < ranks[j] else (j, i)
+            for i, j in combinations(range(len(ranks)), 2) if ranks[i] != ranks[j]]
+
+
+def _judge_pairs(judge: Judge, items: Sequence[PreferencePair], method: str) -> dict[str, Any]:
+    if method == "pairwise":
+        return direct_metrics(judge.pairwise_all([JudgePair(p.instruction, p.chosen, p.rejected) for p in items]))
+    results = judge.score_all([JudgeItem(p.instruction, text) for p in items for text in (p.chosen, p.rejected)])
+    metrics = pair_metrics([r.score for r in results[0::2]], [r.score for r in results[1::2]])
+    metrics["parse_failures"] = sum(r.parse_failures for r in results)
+    return metrics

@@ -18,7 +18,16 @@ Scoring modes:
   Generation of a judgment stops at its first `Score: N` with N in 0-5.
 - `expected` (fast): the judge prompt followed by a forced `Score: `; the score is the expectation of
   0-5 under the model's next-token probabilities of those digits (renormalised). No text is generated.
+
+Pairwise comparison of two responses to one instruction, two ways:
+- `Judge.compare`: by their rubric scores (first minus second).
+- `Judge.pairwise`: a direct prompt showing both responses (`templates/pairwise.txt`), asked in both
+  orders so that a preference for a position cancels out. The verdict is the letter after the last
+  `Winner:` label (`parse_winner`: A or B, same tolerance as `parse_score`). In sampled mode each order
+  gets k samples and `first_wins` is the share of parsed verdicts for the first response; in expected mode
+  it is the mean over both orders of the next-token probability of its letter after a forced `Winner: `.
 """
+
 
 from __future__ import annotations
 
@@ -43,8 +52,13 @@ VALUE = re.compile(
     r"[\s*_]*(?P<number>\d+(?:[.,]\d+)?)[\s*_]*(?:/\s*5|out\s+of\s+5)?[\s*_]*[.!;,)\]]*[\s*_]*(?:\n|\Z)",
     re.IGNORECASE,
 )
+WINNER_LABEL = re.compile(r"(?<![a-z])winner[*_]*\s*:", re.IGNORECASE)
+WINNER_VALUE = re.compile(
+    r"[\s*_]*(?:response[\s_]*)?(?P<letter>[ab])(?![a-z0-9])[\s*_]*[.!;,)\]]*[\s*_]*(?:\n|\Z)", re.IGNORECASE
+)
+WINNER_STOPS = ("Winner: A", "Winner: B")
 # Tags that delimit the judged material; a response that contains them cannot close its own block early.
-DELIMITER = re.compile(r"<\s*(/?)\s*(instruction|response)\s*>", re.IGNORECASE)
+DELIMITER = re.compile(r"<\s*(/?)\s*(instruction|response(?:[\s_-]*[ab](?![a-z]))?)\s*>", re.IGNORECASE)
 
 
 def parse_score(text: str) -> int | None:
@@ -63,6 +77,16 @@ def parse_score(text: str) -> int | None:
     return value if value in SCORES else None
 
 
+def parse_winner(text: str) -> str | None:
+    """The pairwise verdict: "A" or "B" after the last `Winner:` label, else None (never an exception)."""
+    text = text.translate(INVISIBLE)
+    labels = list(WINNER_LABEL.finditer(text))
+    if not labels:
+        return None
+    match = WINNER_VALUE.match(text, labels[-1].end())
+    return match.group("letter").upper() if match else None
+
+
 @dataclass(frozen=True)
 class JudgeItem:
     instruction: str
@@ -79,6 +103,44 @@ class JudgeResult:
     parse_failures: int = 0
 
 
+@dataclass(frozen=True)
+class JudgePair:
+    instruction: str
+    first: str
+    second: str
+
+
+@dataclass
+class PairwiseResult:
+    """A direct comparison asked in both orders: (first, second) shown as (A, B), then as (B, A).
+
+    `first_wins` is the share of votes (sampled) or the probability (expected) that the first response is
+    better, over both orders; `by_order` holds the same figure for each order alone, so a judge that
+    favours a position shows as two very different numbers. None where nothing could be parsed.
+    """
+
+    first_wins: float | None
+    by_order: list[float | None] = field(default_factory=list)
+    verdicts: list[list[str | None]] = field(default_factory=list)
+    texts: list[list[str]] = field(default_factory=list)
+    parse_failures: int = 0
+
+    @property
+    def winner(self) -> str | None:
+        """The preferred response: "first", "second", or None for a tie or no verdict."""
+        if self.first_wins is None or self.first_wins == 0.5:
+            return None
+        return "first" if self.first_wins > 0.5 else "second"
+
+    @property
+    def consistent(self) -> bool | None:
+        """Whether both orders prefer the same response (None if either order has no verdict)."""
+        a, b = self.by_order if len(self.by_order) == 2 else (None, None)
+        if a is None or b is None or a == 0.5 or b == 0.5:
+            return None
+        return (a > 0.5) == (b > 0.5)
+
+
 def neutralise_delimiters(text: str) -> str:
     """Rewrite tag look-alikes inside judged text, so it cannot end its block and speak as the prompt."""
     return DELIMITER.sub(lambda m: f"[{m.group(1)}{m.group(2)}]", text)
@@ -93,8 +155,22 @@ def render_judge_prompt(template: str, item: JudgeItem) -> str:
     )
 
 
+def render_pairwise_prompt(template: str, instruction: str, response_a: str, response_b: str) -> str:
+    """The direct comparison instruction for one order of two responses."""
+    return fill(
+        template,
+        instruction=neutralise_delimiters(instruction.strip()),
+        response_a=neutralise_delimiters(response_a.strip()),
+        response_b=neutralise_delimiters(response_b.strip()),
+    )
+
+
 def default_template() -> str:
     return load_template(None, "judge.txt", ("instruction", "response"))
+
+
+def default_pairwise_template() -> str:
+    return load_template(None, "pairwise.txt", ("instruction", "response_a", "response_b"))
 
 
 def mean(values: Sequence[float]) -> float | None:
@@ -111,6 +187,7 @@ class Judge:
         mode: str = "sampled",
         samples: int = 3,
         sampling: Sampling | None = None,
+        pairwise_template: str | None = None,
     ) -> None:
         if mode not in ("sampled", "expected"):
             raise ValueError(f"mode must be 'sampled' or 'expected', not {mode!r}")
@@ -121,7 +198,10 @@ class Judge:
         self.mode = mode
         self.samples = samples
         sampling = sampling or Sampling(temperature=0.7, top_p=0.9, max_new_tokens=192)
+        # Sampled judgments end at their verdict, which is kept in the text.
         self.sampling = replace(sampling, stop=sampling.stop + SCORE_STOPS, keep_stop=True)
+        self.pairwise_sampling = replace(sampling, stop=sampling.stop + WINNER_STOPS, keep_stop=True)
+        self.pairwise_template = pairwise_template or default_pairwise_template()
 
     def prompt(self, item: JudgeItem) -> str:
         return self.backend.chat_prompt([{"role": "user", "content": render_judge_prompt(self.template, item)}])
@@ -142,16 +222,19 @@ class Judge:
             results.append(JudgeResult(mean(parsed), scores, texts, len(scores) - len(parsed)))
         return results
 
-    def _expected(self, items: Sequence[JudgeItem]) -> list[JudgeResult]:
-        prefix, digits = "Score: ", [str(s) for s in SCORES]
-        probe = self.prompt(items[0])
-        token_ids = self.backend.single_token_ids(probe + prefix, digits)
-        if token_ids is None:  # tokenizers that merge the space into the digit
-            prefix, digits = "Score:", [f" {s}" for s in SCORES]
-            token_ids = self.backend.single_token_ids(probe + prefix, digits)
+    def _forced_answer(self, prompts: Sequence[str], label: str, answers: Sequence[str]) -> list[list[float]]:
+        """Next-token probabilities of each answer after `prompt + label + ' '` (expected mode)."""
+        prefix, options = f"{label} ", list(answers)
+        token_ids = self.backend.single_token_ids(prompts[0] + prefix, options)
+        if token_ids is None:  # tokenizers that merge the space into the answer
+            prefix, options = label, [f" {a}" for a in answers]
+            token_ids = self.backend.single_token_ids(prompts[0] + prefix, options)
         if token_ids is None:
-            raise ValueError("expected mode needs the scores 0-5 to be single tokens after 'Score:'")
-        probs = self.backend.next_token_probs([self.prompt(item) + prefix for item in items], token_ids)
+            raise ValueError(f"expected mode needs each of {', '.join(answers)} to be one token after '{label}'")
+        return self.backend.next_token_probs([p + prefix for p in prompts], token_ids)
+
+    def _expected(self, items: Sequence[JudgeItem]) -> list[JudgeResult]:
+        probs = self._forced_answer([self.prompt(item) for item in items], "Score:", [str(s) for s in SCORES])
         results = []
         for row in probs:
             total = sum(row)
@@ -210,3 +293,53 @@ class Judge:
         if a.score is None or b.score is None:
             return None
         return a.score - b.score
+
+    def pairwise(self, pairs: Sequence[JudgePair], seed: int | None = None) -> list[PairwiseResult]:
+        """Compare each pair directly, in both orders; all 2 x len(pairs) prompts go to the backend at once."""
+        if not pairs:
+            return []
+        prompts = []
+        for pair in pairs:
+            for a, b in ((pair.first, pair.second), (pair.second, pair.first)):
+                content = render_pairwise_prompt(self.pairwise_template, pair.instruction, a, b)
+                prompts.append(self.backend.chat_prompt([{"role": "user", "content": content}]))
+        if self.mode == "expected":
+            return self._pairwise_expected(prompts)
+        sampling = self.pairwise_sampling if seed is None else replace(self.pairwise_sampling, seed=seed)
+        outputs = self.backend.generate(prompts, self.samples, sampling)
+        results = []
+        for forward, backward in zip(outputs[0::2], outputs[1::2]):
+            texts = [[c.text for c in forward], [c.text for c in backward]]
+            verdicts = [[parse_winner(t) for t in order] for order in texts]
+            # The first response is "A" in the forward order and "B" in the backward one.
+            votes = [[v == letter for v in order if v] for order, letter in zip(verdicts, "AB")]
+            by_order = [mean(v) for v in votes]
+            failures = sum(v is None for order in verdicts for v in order)
+            results.append(PairwiseResult(mean(votes[0] + votes[1]), by_order, verdicts, texts, failures))
+        return results
+
+    def _pairwise_expected(self, prompts: Sequence[str]) -> list[PairwiseResult]:
+        probs = self._forced_answer(prompts, "Winner:", ["A", "B"])
+        results = []
+        for forward, backward in zip(probs[0::2], probs[1::2]):
+            # P(first better) in each order: its letter's share of the A/B probability mass.
+            by_order = [_share(forward[0], forward[1]), _share(backward[1], backward[0])]
+            known = [p for p in by_order if p is not None]
+            results.append(PairwiseResult(mean(known), by_order, [], [], len(by_order) - len(known)))
+        return results
+
+    def pairwise_all(self, pairs: Sequence[JudgePair], label: str = "comparing") -> list[PairwiseResult]:
+        """Compare many pairs in backend-sized chunks (two prompts per pair), with a progress bar."""
+        step = max(1, self.chunk // 2)
+        results: list[PairwiseResult] = []
+        with progress_bar(label, len(pairs)) as advance:
+            for start in range(0, len(pairs), step):
+                batch = pairs[start : start + step]
+                results += self.pairwise(batch)
+                advance(len(batch))
+        return results
+
+
+def _share(part: float, other: float) -> float | None:
+    total = part + other
+    return part / total if total > 0 else None

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from selfreward.evaluation import load_pairs, load_ranked, pair_metrics, ranked_metrics
+from selfreward.evaluation import evaluate_judge, load_pairs, load_ranked, pair_metrics, ranked_metrics
 from tests.conftest import SHARED
 
 
@@ -54,3 +54,22 @@ def test_ranked_file_errors_name_the_line(tmp_path):
     path.write_text(json.dumps({"instruction": "q", "responses": [{"text": "a", "rank": 0}]}) + "\n")
     with pytest.raises(UserError, match="ranked.jsonl:1: expected"):
         load_ranked(path)
+
+
+def test_pairwise_method_compares_every_human_ordered_pair(tmp_path, tiny_model):
+    from selfreward.judge import Judge
+    from selfreward.models import load_tokenizer
+    from tests.test_judge import PairwiseBackend
+
+    path = tmp_path / "ranked.jsonl"
+    responses = [{"text": "good and long", "rank": 0}, {"text": "fine", "rank": 1}, {"text": "bad", "rank": 2},
+                 {"text": "also bad", "rank": 2}]
+    path.write_text(json.dumps({"instruction": "q", "responses": responses}) + "\n")
+    # A judge that prefers the longer response, whatever the order: it agrees with the humans on 4 of 5
+    # ordered pairs ("also bad" beats "fine" on length); the tied-rank pair is not asked.
+    backend = PairwiseBackend(load_tokenizer(tiny_model), lambda a, b: "A" if len(a) >= len(b) else "B")
+    report = evaluate_judge(Judge(backend, samples=1), path, None, None, method="pairwise")
+    judge = report["ranked"]["judge"]
+    assert judge["pairs"] == 5 and len(backend.prompts) == 10
+    assert judge["pairwise_accuracy"] == 80.0 and judge["position_consistency"] == 100.0
+    assert report["ranked"]["length_baseline"]["pairwise_accuracy"] == 80.0
