@@ -1,3 +1,5 @@
 from selfreward.cli import app
 
-app()
+# The guard matters: vLLM starts worker processes by re-importing the main module.
+if __name__ == "__main__":
+    app()

