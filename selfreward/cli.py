@@ -10,6 +10,7 @@ from typing import Annotated, Callable
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from selfreward.errors import UserError
 
@@ -54,7 +55,8 @@ def _guard(action: Callable[[], None]) -> None:
     try:
         action()
     except UserError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        # Messages quote paths and file contents: brackets in them are text, not rich markup.
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("interrupted: rerun the same command to resume", highlight=False)
