@@ -132,7 +132,6 @@ def stage_prompts(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> di
     model = recipe.prompts.model or _require_model(recipe, run_dir, t)
     ift, _ = load_seeds(recipe.data, recipe.seed)
     seeds = [r["instruction"] for r in ift]
-    run_dir.iteration(t).mkdir(parents=True, exist_ok=True)
     result = run_prompts(models.get(model), seeds, recipe.prompts, run_dir.prompts(t), t, recipe.seed)
     run_dir.mark_done(f"iter{t}/prompts", result)
     return result
