@@ -13,6 +13,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from selfreward.errors import UserError
+from selfreward.limits import MAX_INSTRUCTION_CHARS, MAX_RESPONSE_CHARS
 
 app = typer.Typer(
     help="Self-rewarding language models (Yuan et al., 2024): SFT, then iterations of self-instruct, "
@@ -152,6 +153,8 @@ def judge(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 192,
     template: Annotated[Path | None, typer.Option(help="Judge template file with {instruction} and {response}.")] = None,
+    max_instruction_chars: Annotated[int, typer.Option(min=1, help="File mode: longer instructions are cut to this many characters (counted).")] = MAX_INSTRUCTION_CHARS,
+    max_response_chars: Annotated[int, typer.Option(min=1, help="File mode: longer responses are cut to this many characters (counted).")] = MAX_RESPONSE_CHARS,
     concurrency: Annotated[int, typer.Option(min=1, help="Endpoint: requests in flight.")] = 8,
     timeout: Annotated[float, typer.Option(min=1.0, help="Endpoint: seconds per request.")] = 120.0,
     seed: int = 0,
@@ -172,6 +175,7 @@ def judge(
             return
         from selfreward import cli_judge
         from selfreward.judge import Judge
+        from selfreward.limits import limit_lengths
         from selfreward.templates import load_template
 
         _setup_logging(verbose)
@@ -180,6 +184,7 @@ def judge(
         if mode not in ("sampled", "expected"):
             raise UserError(f"--mode: must be 'sampled' or 'expected', not '{mode}'")
         items = cli_judge.load_items(input)  # all of it, before the model is even looked at
+        items, _ = limit_lengths(items, max_instruction_chars, max_response_chars, "judged")  # logs the counts
         text = load_template(str(template) if template else None, "judge.txt", ("instruction", "response"))
         judge_backend = cli_judge.open_judge_backend(model, endpoint, api, backend, "bfloat16", concurrency, timeout)
         try:

@@ -108,12 +108,13 @@ def _require(run_dir: RunDir, stage: str, hint: str) -> None:
 def stage_sft(recipe: Recipe, run_dir: RunDir) -> dict:
     if (done := _skip(run_dir, "sft")) is not None:
         return done
-    ift, eft = load_seeds(recipe.data, recipe.seed)
+    ift, eft, truncated = load_seeds(recipe.data, recipe.seed, recipe.limits)
     judge_template = load_template(recipe.judge.template, "judge.txt", ("instruction", "response"))
     result = run_sft(
         resolve_model(recipe.model.base), ift, eft, judge_template, recipe.sft, run_dir.sft_model,
         recipe.seed, recipe.model.trust_remote_code,
     )
+    result["truncated"] = truncated
     run_dir.mark_done("sft", result)
     return result
 
@@ -130,9 +131,10 @@ def stage_prompts(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> di
     if (done := _skip(run_dir, f"iter{t}/prompts")) is not None:
         return done
     model = recipe.prompts.model or _require_model(recipe, run_dir, t)
-    ift, _ = load_seeds(recipe.data, recipe.seed)
+    ift, _, truncated = load_seeds(recipe.data, recipe.seed, recipe.limits)
     seeds = [r["instruction"] for r in ift]
     result = run_prompts(models.get(model), seeds, recipe.prompts, run_dir.prompts(t), t, recipe.seed)
+    result["seed_instructions_truncated"] = truncated["ift_instructions"]
     run_dir.mark_done(f"iter{t}/prompts", result)
     return result
 
@@ -157,7 +159,9 @@ def stage_judgments(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> 
     _require(run_dir, f"iter{t}/responses", f"generate --iteration {t}")
     responses = read_jsonl(run_dir.responses(t))
     backend = models.get(_require_model(recipe, run_dir, t))
-    result = run_judging(backend, responses, recipe.judge, run_dir.judgments(t), recipe.seed, f"iter{t} judgments")
+    result = run_judging(
+        backend, responses, recipe.judge, recipe.limits, run_dir.judgments(t), recipe.seed, f"iter{t} judgments"
+    )
     run_dir.mark_done(f"iter{t}/judgments", result)
     return result
 
@@ -212,6 +216,7 @@ def iteration_metrics(run_dir: RunDir, t: int) -> dict[str, Any]:
         "judgments": stages["judgments"].get("judge_samples"),
         "parse_failures": stages["judgments"].get("parse_failures"),
         "mean_score": stages["judgments"].get("mean_score"),
+        "judged_text_truncated": stages["judgments"].get("truncated"),
         "pairs": stages["pairs"].get("pairs"),
         "ties_dropped": stages["pairs"].get("ties_dropped"),
         "unscored_dropped": stages["pairs"].get("unscored_dropped"),

@@ -65,6 +65,8 @@ def test_full_loop_writes_every_stage_and_resumes_instantly(tiny_model, tmp_path
         assert rows[t - 1]["pairs"] + rows[t - 1]["ties_dropped"] + rows[t - 1]["unscored_dropped"] == 6
         assert (run.model(t) / "model.safetensors").is_file()
         assert json.loads(run.metrics(t).read_text())["iteration"] == t
+        assert rows[t - 1]["judged_text_truncated"] == {"instructions": 0, "responses": 0}
+    assert set(run.done_record("sft")["truncated"].values()) == {0}  # the seed data fits the default limits
     # Iteration 2 samples from M2 (iteration 1's DPO output), not from M1.
     assert scripted.count(str(run.model(1))) == 1
     loads = len(scripted)

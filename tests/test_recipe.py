@@ -20,6 +20,7 @@ from selfreward.rundir import RunDir
         ({"dpo": {"betta": 0.1}}, "dpo.betta: unknown key"),
         ({"iterations": "two"}, "iterations"),
         ({"backend": {"kind": "tpu"}}, "backend.kind"),
+        ({"limits": {"max_response_chars": 0}}, "limits.max_response_chars"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):
