@@ -44,6 +44,10 @@ def iter_jsonl(path: str | Path, required: dict[str, type] | None = None) -> Ite
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            except ValueError:  # Python refuses to convert integers of over 4300 digits
+                raise UserError(f"{path}:{number}: not valid JSON (a number is too long)") from None
+            except RecursionError:
+                raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             for key, kind in (required or {}).items():
@@ -87,7 +91,12 @@ def repair_tail(path: Path) -> int:
 
 
 def _json_bytes(value: Any, indent: int | None = None) -> bytes:
-    return json.dumps(value, ensure_ascii=False, indent=indent).encode("utf-8")
+    """UTF-8 JSON, readable as is; all escaped where a string holds a lone surrogate, which UTF-8 cannot
+    encode but a JSON file can carry ("\\ud800") and hand back to be written again."""
+    try:
+        return json.dumps(value, ensure_ascii=False, indent=indent).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, indent=indent).encode("ascii")
 
 
 def _lines(records: Iterable[dict[str, Any]]) -> bytes:
