@@ -105,19 +105,22 @@ def sft(recipe: RecipeOption, output: OutputOption, verbose: VerboseOption = Fal
         from selfreward import pipeline
 
         config, run_dir = _open(recipe, output, verbose)
+        pipeline.warn_remote_code(config)
         pipeline.stage_sft(config, run_dir)
 
     _guard(action)
 
 
-def _stage_command(name: str, stage: str, doc: str, needs_model: bool) -> None:
+def _stage_command(name: str, stage: str, doc: str, uses_backend: bool, loads_model: bool = True) -> None:
     def command(recipe: RecipeOption, output: OutputOption, iteration: IterationOption, verbose: VerboseOption = False) -> None:
         def action() -> None:
             from selfreward import pipeline
 
             config, run_dir = _open(recipe, output, verbose)
+            if loads_model:
+                pipeline.warn_remote_code(config)
             function = getattr(pipeline, f"stage_{stage}")
-            if needs_model:
+            if uses_backend:
                 with pipeline.Models(config) as models:
                     function(config, run_dir, iteration, models)
             else:
@@ -133,7 +136,7 @@ def _stage_command(name: str, stage: str, doc: str, needs_model: bool) -> None:
 
 _stage_command("prompts", "prompts", "Self-instruct: M_t writes new prompts (iter{t}/prompts.jsonl).", True)
 _stage_command("generate", "responses", "Sample N candidate responses per prompt (iter{t}/responses.jsonl).", True)
-_stage_command("pairs", "pairs", "Best vs worst candidate per prompt, ties dropped (iter{t}/pairs.jsonl).", False)
+_stage_command("pairs", "pairs", "Best vs worst candidate per prompt, ties dropped (iter{t}/pairs.jsonl).", False, loads_model=False)
 _stage_command("dpo", "dpo", "DPO-train M_{t+1} from M_t on the pairs (iter{t}/model/).", False)
 
 
@@ -170,6 +173,7 @@ def judge(
             from selfreward import pipeline
 
             config, run_dir = _open(recipe, output, verbose)
+            pipeline.warn_remote_code(config)
             with pipeline.Models(config) as models:
                 pipeline.stage_judgments(config, run_dir, iteration, models)
             return

@@ -77,6 +77,7 @@ class Models:
 
 def run(recipe: Recipe, run_dir: RunDir) -> list[dict[str, Any]]:
     """SFT, then `recipe.iterations` self-rewarding iterations; returns one metrics record per iteration."""
+    warn_remote_code(recipe)
     run_dir.bind_recipe(recipe)
     if recipe.sft.enabled:
         stage_sft(recipe, run_dir)
@@ -91,6 +92,13 @@ def run(recipe: Recipe, run_dir: RunDir) -> list[dict[str, Any]]:
             stage_dpo(recipe, run_dir, t)
             write_metrics(run_dir, t)
     return [iteration_metrics(run_dir, t) for t in range(1, recipe.iterations + 1)]
+
+
+def warn_remote_code(recipe: Recipe) -> None:
+    """Put it in the run log when the recipe lets model repositories run their own Python code here."""
+    if recipe.model.trust_remote_code:
+        models = [recipe.model.base] + ([recipe.prompts.model] if recipe.prompts.model else [])
+        log.warning("model.trust_remote_code is on: code from %s will be executed", " and ".join(models))
 
 
 def _skip(run_dir: RunDir, stage: str) -> dict | None:
