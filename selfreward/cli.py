@@ -10,8 +10,10 @@ from typing import Annotated, Callable
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from selfreward.errors import UserError
+from selfreward.limits import MAX_INSTRUCTION_CHARS, MAX_RESPONSE_CHARS
 
 app = typer.Typer(
     help="Self-rewarding language models (Yuan et al., 2024): SFT, then iterations of self-instruct, "
@@ -54,7 +56,8 @@ def _guard(action: Callable[[], None]) -> None:
     try:
         action()
     except UserError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        # Messages quote paths and file contents: brackets in them are text, not rich markup.
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("interrupted: rerun the same command to resume", highlight=False)
@@ -102,19 +105,22 @@ def sft(recipe: RecipeOption, output: OutputOption, verbose: VerboseOption = Fal
         from selfreward import pipeline
 
         config, run_dir = _open(recipe, output, verbose)
+        pipeline.warn_remote_code(config)
         pipeline.stage_sft(config, run_dir)
 
     _guard(action)
 
 
-def _stage_command(name: str, stage: str, doc: str, needs_model: bool) -> None:
+def _stage_command(name: str, stage: str, doc: str, uses_backend: bool, loads_model: bool = True) -> None:
     def command(recipe: RecipeOption, output: OutputOption, iteration: IterationOption, verbose: VerboseOption = False) -> None:
         def action() -> None:
             from selfreward import pipeline
 
             config, run_dir = _open(recipe, output, verbose)
+            if loads_model:
+                pipeline.warn_remote_code(config)
             function = getattr(pipeline, f"stage_{stage}")
-            if needs_model:
+            if uses_backend:
                 with pipeline.Models(config) as models:
                     function(config, run_dir, iteration, models)
             else:
@@ -130,7 +136,7 @@ def _stage_command(name: str, stage: str, doc: str, needs_model: bool) -> None:
 
 _stage_command("prompts", "prompts", "Self-instruct: M_t writes new prompts (iter{t}/prompts.jsonl).", True)
 _stage_command("generate", "responses", "Sample N candidate responses per prompt (iter{t}/responses.jsonl).", True)
-_stage_command("pairs", "pairs", "Best vs worst candidate per prompt, ties dropped (iter{t}/pairs.jsonl).", False)
+_stage_command("pairs", "pairs", "Best vs worst candidate per prompt, ties dropped (iter{t}/pairs.jsonl).", False, loads_model=False)
 _stage_command("dpo", "dpo", "DPO-train M_{t+1} from M_t on the pairs (iter{t}/model/).", False)
 
 
@@ -150,6 +156,8 @@ def judge(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 192,
     template: Annotated[Path | None, typer.Option(help="Judge template file with {instruction} and {response}.")] = None,
+    max_instruction_chars: Annotated[int, typer.Option(min=1, help="File mode: longer instructions are cut to this many characters (counted).")] = MAX_INSTRUCTION_CHARS,
+    max_response_chars: Annotated[int, typer.Option(min=1, help="File mode: longer responses are cut to this many characters (counted).")] = MAX_RESPONSE_CHARS,
     concurrency: Annotated[int, typer.Option(min=1, help="Endpoint: requests in flight.")] = 8,
     timeout: Annotated[float, typer.Option(min=1.0, help="Endpoint: seconds per request.")] = 120.0,
     seed: int = 0,
@@ -165,11 +173,13 @@ def judge(
             from selfreward import pipeline
 
             config, run_dir = _open(recipe, output, verbose)
+            pipeline.warn_remote_code(config)
             with pipeline.Models(config) as models:
                 pipeline.stage_judgments(config, run_dir, iteration, models)
             return
         from selfreward import cli_judge
         from selfreward.judge import Judge
+        from selfreward.limits import limit_lengths
         from selfreward.templates import load_template
 
         _setup_logging(verbose)
@@ -178,6 +188,7 @@ def judge(
         if mode not in ("sampled", "expected"):
             raise UserError(f"--mode: must be 'sampled' or 'expected', not '{mode}'")
         items = cli_judge.load_items(input)  # all of it, before the model is even looked at
+        items, _ = limit_lengths(items, max_instruction_chars, max_response_chars, "judged")  # logs the counts
         text = load_template(str(template) if template else None, "judge.txt", ("instruction", "response"))
         judge_backend = cli_judge.open_judge_backend(model, endpoint, api, backend, "bfloat16", concurrency, timeout)
         try:

@@ -2,7 +2,8 @@
 
 Blank lines are skipped when reading (editors add them at the end of files); every other line must be
 a JSON object. A torn last line (a write cut short by a crash) is repaired on resume by
-`repair_tail`, which drops the bytes after the last newline.
+`repair_tail`, which drops the bytes after the last newline. A full or unwritable disk is a UserError
+naming the file, and leaves no partial record or temporary file behind.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from selfreward.errors import UserError, writing
 
 # mkstemp creates files readable by the owner only; run files should get the usual permissions.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import Any
-
-from selfreward.errors import UserError
 
 
 def read_jsonl(path: str | Path, required: dict[str, type] | None = None) -> list[dict[str, Any]]:
@@ -42,6 +44,10 @@ def iter_jsonl(path: str | Path, required: dict[str, type] | None = None) -> Ite
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            except ValueError:  # Python refuses to convert integers of over 4300 digits
+                raise UserError(f"{path}:{number}: not valid JSON (a number is too long)") from None
+            except RecursionError:
+                raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             for key, kind in (required or {}).items():
@@ -64,7 +70,7 @@ def repair_tail(path: Path) -> int:
     size = path.stat().st_size
     if size == 0:
         return 0
-    with path.open("rb+") as handle:
+    with writing(path), path.open("rb+") as handle:
         handle.seek(size - 1)
         if handle.read(1) == b"\n":
             return 0
@@ -84,42 +90,85 @@ def repair_tail(path: Path) -> int:
         return size - cut
 
 
-def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
-    """Append records as whole lines and fsync, so a crash loses at most a torn tail line."""
-    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    if not lines:
-        return 0
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(lines)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return lines.count("\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file so readers see either the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _json_bytes(value: Any, indent: int | None = None) -> bytes:
+    """UTF-8 JSON, readable as is; all escaped where a string holds a lone surrogate, which UTF-8 cannot
+    encode but a JSON file can carry ("\\ud800") and hand back to be written again."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o666 & ~_UMASK)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        return json.dumps(value, ensure_ascii=False, indent=indent).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, indent=indent).encode("ascii")
+
+
+def _lines(records: Iterable[dict[str, Any]]) -> bytes:
+    return b"".join(_json_bytes(record) + b"\n" for record in records)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    # os.write may take less than it is given (a signal, a nearly full disk); the rest must follow.
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Append records as whole lines and fsync, so a crash loses at most a torn tail line.
+
+    A failed append (a full disk) is undone, so the file never ends in part of a record; the error is a
+    UserError when the disk is full or not writable.
+    """
+    data = _lines(records)
+    if not data:
+        return 0
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            except BaseException:
+                with suppress(OSError):  # truncating needs no free space; if it fails, resume cuts the tail
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+    return data.count(b"\n")
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a whole file so readers see either the old or the new content, never a mix.
+
+    On any failure the temporary file is removed and `path` is left as it was; a full or read-only
+    disk is a UserError naming `path`.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(temp, 0o666 & ~_UMASK)
+            os.replace(temp, path)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(temp)
+            raise
 
 
 def write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> int:
-    records = list(records)
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return len(records)
+    data = _lines(records)
+    write_atomic(path, data)
+    return data.count(b"\n")
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(path, _json_bytes(value, indent=2) + b"\n")
 
 
 def resume_records(path: Path, group_key: str | None = None, group_size: int = 1) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from selfreward.errors import UserError
+from selfreward.errors import UserError, writing
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,6 @@ def ensure_embedded(name: str) -> Path:
 def convert_embedded(name: str, target: Path) -> None:
     import importlib
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     try:
         package = importlib.import_module(EMBEDDED_MODELS[name])
         importlib.import_module("gguf")
@@ -92,7 +89,16 @@ def convert_embedded(name: str, target: Path) -> None:
         ) from None
     started = time.perf_counter()
     log.info("converting %s%s to a safetensors checkpoint in %s (once)", EMBEDDED_PREFIX, name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with writing(target):  # the cache's disk may be full (a few hundred MB are written)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(package, name, target)
+    log.info("converted in %.1f s", time.perf_counter() - started)
+
+
+def _convert_gguf(package, name: str, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.") as work:
         gguf_path = Path(package.assemble(output_path=str(Path(work) / f"{name}.gguf")))
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -116,7 +122,6 @@ def convert_embedded(name: str, target: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
-    log.info("converted in %.1f s", time.perf_counter() - started)
 
 
 def ensure_chat_template(tokenizer) -> None:
@@ -180,13 +185,22 @@ def first_line(error: BaseException) -> str:
 
 
 def save_checkpoint(model, tokenizer, target: Path) -> None:
-    """Save model + tokenizer into `target` atomically (staging directory, then rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Save model + tokenizer into `target` atomically (staging directory, then rename).
+
+    A full or read-only disk is a UserError naming `target`; the partial staging directory is removed,
+    since a checkpoint is large and half of one is of no use.
+    """
     staging = target.parent / f".{target.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)

@@ -77,6 +77,7 @@ class Models:
 
 def run(recipe: Recipe, run_dir: RunDir) -> list[dict[str, Any]]:
     """SFT, then `recipe.iterations` self-rewarding iterations; returns one metrics record per iteration."""
+    warn_remote_code(recipe)
     run_dir.bind_recipe(recipe)
     if recipe.sft.enabled:
         stage_sft(recipe, run_dir)
@@ -91,6 +92,13 @@ def run(recipe: Recipe, run_dir: RunDir) -> list[dict[str, Any]]:
             stage_dpo(recipe, run_dir, t)
             write_metrics(run_dir, t)
     return [iteration_metrics(run_dir, t) for t in range(1, recipe.iterations + 1)]
+
+
+def warn_remote_code(recipe: Recipe) -> None:
+    """Put it in the run log when the recipe lets model repositories run their own Python code here."""
+    if recipe.model.trust_remote_code:
+        models = [recipe.model.base] + ([recipe.prompts.model] if recipe.prompts.model else [])
+        log.warning("model.trust_remote_code is on: code from %s will be executed", " and ".join(models))
 
 
 def _skip(run_dir: RunDir, stage: str) -> dict | None:
@@ -108,12 +116,13 @@ def _require(run_dir: RunDir, stage: str, hint: str) -> None:
 def stage_sft(recipe: Recipe, run_dir: RunDir) -> dict:
     if (done := _skip(run_dir, "sft")) is not None:
         return done
-    ift, eft = load_seeds(recipe.data, recipe.seed)
+    ift, eft, truncated = load_seeds(recipe.data, recipe.seed, recipe.limits)
     judge_template = load_template(recipe.judge.template, "judge.txt", ("instruction", "response"))
     result = run_sft(
         resolve_model(recipe.model.base), ift, eft, judge_template, recipe.sft, run_dir.sft_model,
         recipe.seed, recipe.model.trust_remote_code,
     )
+    result["truncated"] = truncated
     run_dir.mark_done("sft", result)
     return result
 
@@ -130,10 +139,10 @@ def stage_prompts(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> di
     if (done := _skip(run_dir, f"iter{t}/prompts")) is not None:
         return done
     model = recipe.prompts.model or _require_model(recipe, run_dir, t)
-    ift, _ = load_seeds(recipe.data, recipe.seed)
+    ift, _, truncated = load_seeds(recipe.data, recipe.seed, recipe.limits)
     seeds = [r["instruction"] for r in ift]
-    run_dir.iteration(t).mkdir(parents=True, exist_ok=True)
     result = run_prompts(models.get(model), seeds, recipe.prompts, run_dir.prompts(t), t, recipe.seed)
+    result["seed_instructions_truncated"] = truncated["ift_instructions"]
     run_dir.mark_done(f"iter{t}/prompts", result)
     return result
 
@@ -158,7 +167,9 @@ def stage_judgments(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> 
     _require(run_dir, f"iter{t}/responses", f"generate --iteration {t}")
     responses = read_jsonl(run_dir.responses(t))
     backend = models.get(_require_model(recipe, run_dir, t))
-    result = run_judging(backend, responses, recipe.judge, run_dir.judgments(t), recipe.seed, f"iter{t} judgments")
+    result = run_judging(
+        backend, responses, recipe.judge, recipe.limits, run_dir.judgments(t), recipe.seed, f"iter{t} judgments"
+    )
     run_dir.mark_done(f"iter{t}/judgments", result)
     return result
 
@@ -213,6 +224,7 @@ def iteration_metrics(run_dir: RunDir, t: int) -> dict[str, Any]:
         "judgments": stages["judgments"].get("judge_samples"),
         "parse_failures": stages["judgments"].get("parse_failures"),
         "mean_score": stages["judgments"].get("mean_score"),
+        "judged_text_truncated": stages["judgments"].get("truncated"),
         "pairs": stages["pairs"].get("pairs"),
         "ties_dropped": stages["pairs"].get("ties_dropped"),
         "unscored_dropped": stages["pairs"].get("unscored_dropped"),

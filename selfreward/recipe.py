@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from selfreward.errors import UserError
+from selfreward.limits import MAX_INSTRUCTION_CHARS, MAX_RESPONSE_CHARS
 
 
 class Section(BaseModel):
@@ -94,6 +95,17 @@ class DataSection(Section):
     max_eft: int | None = Field(None, ge=1)
 
 
+class LimitsSection(Section):
+    """Over-long text read from files is cut to these many characters (before a split word, when there is
+    whitespace near the limit) and counted in the stage's done/ record and a warning: the instructions
+    and responses of IFT and EFT seed examples (SFT, and the self-instruct shots), and what the judge reads
+    (iter{t}/judgments, like `selfreward judge --input`). Self-instructed prompts are not cut: over
+    `prompts.max_chars` they are dropped."""
+
+    max_instruction_chars: int = Field(MAX_INSTRUCTION_CHARS, ge=1)
+    max_response_chars: int = Field(MAX_RESPONSE_CHARS, ge=1)
+
+
 class SamplingSection(Section):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
@@ -147,6 +159,7 @@ class Recipe(Section):
     model: ModelSection = ModelSection()
     backend: BackendSection = BackendSection()
     data: DataSection = DataSection()
+    limits: LimitsSection = LimitsSection()
     sft: SftSection = SftSection()
     prompts: PromptsSection = PromptsSection()
     responses: ResponsesSection = ResponsesSection()

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from selfreward.errors import UserError
+from selfreward.errors import UserError, writing
 from selfreward.jsonl import write_atomic, write_json_atomic
 from selfreward.recipe import Recipe, first_difference, parse_recipe, recipe_yaml
 
@@ -80,7 +80,8 @@ class RunDir:
         Mixing outputs of two recipes in one directory would make every later figure meaningless, so a
         changed recipe must go to a new --output.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
+        with writing(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
         text = recipe_yaml(recipe)
         if self.recipe_path.exists():
             old = parse_recipe(yaml.safe_load(self.recipe_path.read_text(encoding="utf-8")), str(self.recipe_path))

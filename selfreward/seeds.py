@@ -13,6 +13,7 @@ from typing import Any
 from selfreward.errors import UserError
 from selfreward.jsonl import read_jsonl
 from selfreward.judge import parse_score
+from selfreward.limits import limit_lengths
 
 IFT_FIELDS = {"id": str, "instruction": str, "response": str}
 EFT_FIELDS = {**IFT_FIELDS, "judgment": str, "score": int}
@@ -107,8 +108,9 @@ def oasst1_seeds(messages: list[dict]) -> tuple[list[dict], list[dict]]:
     return ift, eft
 
 
-def load_seeds(data, seed: int) -> tuple[list[dict], list[dict]]:
-    """IFT and EFT seed records from the recipe's data section."""
+def load_seeds(data, seed: int, limits) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """IFT and EFT seed records from the recipe's data section, over-long text cut to the recipe's
+    `limits`, and how many fields were cut ({ift,eft}_{instructions,responses})."""
     ift = load_ift(data.ift) if data.ift else []
     eft = load_eft(data.eft) if data.eft else []
     if data.oasst1:
@@ -116,7 +118,16 @@ def load_seeds(data, seed: int) -> tuple[list[dict], list[dict]]:
         ift, eft = ift + more_ift, eft + more_eft
     if not ift:
         raise UserError("data: no IFT seed examples (set data.ift or data.oasst1)")
-    return subsample(ift, data.max_ift, seed), subsample(eft, data.max_eft, seed)
+    # Cut after subsampling, so the counts are of the examples used.
+    ift, ift_cut = cut_to_limits(subsample(ift, data.max_ift, seed), limits, "IFT")
+    eft, eft_cut = cut_to_limits(subsample(eft, data.max_eft, seed), limits, "EFT")
+    return ift, eft, {**ift_cut, **eft_cut}
+
+
+def cut_to_limits(records: list[dict], limits, what: str) -> tuple[list[dict], dict[str, int]]:
+    """Instructions and responses cut to the recipe's limits; an EFT judgment never is (it ends in the score)."""
+    records, counts = limit_lengths(records, limits.max_instruction_chars, limits.max_response_chars, what)
+    return records, {f"{what.lower()}_{field}": n for field, n in counts.items()}
 
 
 def orders_as_humans(scores: list[int], ranks: tuple[int, ...]) -> bool:

@@ -36,6 +36,8 @@ def test_incomplete_group_is_removed_whole(tmp_path):
         (b'{"id": "a"}\n', "x.jsonl:1: missing field 'instruction'"),
         (b'{"id": "a", "instruction": 3}\n', "x.jsonl:1: field 'instruction' must be str"),
         (b'{"id": "a", "instruction": "\xff"}\n', "x.jsonl:1: not valid UTF-8"),
+        (b'{"id": "a", "instruction": "q"}\n' + b"[" * 5000 + b"\n", r"x.jsonl:2: not valid JSON \(nested too deeply\)"),
+        (b'{"id": ' + b"9" * 5000 + b"}\n", r"x.jsonl:1: not valid JSON \(a number is too long\)"),
     ],
 )
 def test_bad_lines_name_file_and_line(tmp_path, content, message):

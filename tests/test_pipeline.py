@@ -65,6 +65,8 @@ def test_full_loop_writes_every_stage_and_resumes_instantly(tiny_model, tmp_path
         assert rows[t - 1]["pairs"] + rows[t - 1]["ties_dropped"] + rows[t - 1]["unscored_dropped"] == 6
         assert (run.model(t) / "model.safetensors").is_file()
         assert json.loads(run.metrics(t).read_text())["iteration"] == t
+        assert rows[t - 1]["judged_text_truncated"] == {"instructions": 0, "responses": 0}
+    assert set(run.done_record("sft")["truncated"].values()) == {0}  # the seed data fits the default limits
     # Iteration 2 samples from M2 (iteration 1's DPO output), not from M1.
     assert scripted.count(str(run.model(1))) == 1
     loads = len(scripted)
@@ -135,3 +137,31 @@ def test_each_iteration_measures_the_judge_on_held_out_human_rankings(tiny_model
     assert report["ranked"]["judge"]["prompts"] == 3 and report["ranked"]["judge"]["pairs"] == 3
     assert report["ranked"]["length_baseline"]["pairwise_accuracy"] == 100  # the longer answer is the better here
     assert row["judge_pairwise_accuracy"] == report["ranked"]["judge"]["pairwise_accuracy"]
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_run_log_says_when_model_code_will_be_executed(tmp_path, caplog, trusted):
+    raw = tiny_recipe("org/remote-model", iterations=0, sft={"enabled": False})
+    raw["model"]["trust_remote_code"] = trusted
+    recipe = parse_recipe(raw, "tiny")
+    with caplog.at_level("WARNING"):
+        assert pipeline.run(recipe, RunDir(tmp_path / "run")) == []
+    expected = ["model.trust_remote_code is on: code from org/remote-model will be executed"] if trusted else []
+    assert [r.getMessage() for r in caplog.records if "trust_remote_code" in r.getMessage()] == expected
+
+
+@pytest.mark.parametrize(("command", "warned"), [("generate", True), ("dpo", True), ("pairs", False)])
+def test_stage_commands_that_load_a_model_say_when_its_code_will_be_executed(tmp_path, command, warned):
+    from typer.testing import CliRunner
+
+    from selfreward.cli import app
+
+    raw = tiny_recipe("org/remote-model", prompts={"model": "org/writer"})
+    raw["model"]["trust_remote_code"] = True
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    # Every stage here stops at once (nothing before it has run), after the warning.
+    result = CliRunner().invoke(app, [command, "-r", str(recipe), "-o", str(tmp_path / "run"), "-t", "1"])
+    assert result.exit_code == 2 and "has not finished" in result.output
+    message = "model.trust_remote_code is on: code from org/remote-model and org/writer will be executed"
+    assert (message in " ".join(result.output.split())) == warned

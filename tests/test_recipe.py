@@ -20,6 +20,7 @@ from selfreward.rundir import RunDir
         ({"dpo": {"betta": 0.1}}, "dpo.betta: unknown key"),
         ({"iterations": "two"}, "iterations"),
         ({"backend": {"kind": "tpu"}}, "backend.kind"),
+        ({"limits": {"max_response_chars": 0}}, "limits.max_response_chars"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):
@@ -68,3 +69,9 @@ def test_missing_model_directory_is_named():
     with pytest.raises(UserError, match="model './no/such/model': directory not found"):
         resolve_model("./no/such/model")
     assert resolve_model("org/model") == "org/model"  # hub ids pass through
+
+
+def test_cli_error_line_prints_brackets_in_paths_literally(tmp_path):
+    folder = tmp_path / "run[/x][bold]"  # a closing tag rich would choke on, a style it would swallow
+    result = CliRunner().invoke(app, ["iterate", "-r", str(folder / "nope.yaml"), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 2 and f"{folder / 'nope.yaml'}: recipe file not found" in result.output
