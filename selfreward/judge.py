@@ -46,10 +46,11 @@ SCORES = range(6)
 # Sampled judgments stop at the first `Score: N` (N in 0-5): whatever follows only costs time, and small
 # models tend to ramble on and bury a valid score under a broken one (the last label counts).
 SCORE_STOPS = tuple(f"Score: {s}" for s in SCORES)
-INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+# Zero-width characters, BOM, soft hyphen and the bidirectional marks that copy-pasted text carries.
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u200e\u200f\u061c"))
 LABEL = re.compile(r"(?<![a-z])score[*_]*\s*:", re.IGNORECASE)
 VALUE = re.compile(
-    r"[\s*_]*(?P<number>\d+(?:[.,]\d+)?)[\s*_]*(?:/\s*5|out\s+of\s+5)?[\s*_]*[.!;,)\]]*[\s*_]*(?:\n|\Z)",
+    r"[\s*_]*(?P<number>[0-9]+(?:[.,][0-9]+)?)[\s*_]*(?:/\s*5|out\s+of\s+5)?[\s*_]*[.!;,)\]]*[\s*_]*(?:\n|\Z)",
     re.IGNORECASE,
 )
 WINNER_LABEL = re.compile(r"(?<![a-z])winner[*_]*\s*:", re.IGNORECASE)
@@ -70,11 +71,9 @@ def parse_score(text: str) -> int | None:
     match = VALUE.match(text, labels[-1].end())
     if match is None:
         return None
+    # One ASCII digit: never int() a long run of digits (Python refuses over 4,300 of them).
     number = match.group("number")
-    if not number.isdigit():
-        return None
-    value = int(number)
-    return value if value in SCORES else None
+    return int(number) if len(number) == 1 and int(number) in SCORES else None
 
 
 def parse_winner(text: str) -> str | None:

@@ -177,3 +177,12 @@ def test_pairwise_prompt_keeps_responses_inside_their_blocks(tokenizer):
     Judge(backend, samples=1).pairwise([JudgePair("q", hostile, "plain")])
     for prompt in backend.prompts:
         assert prompt.count("</response_a>") == 1 and prompt.count("<response_b>") == 1
+
+
+@pytest.mark.parametrize("text", ["Score: \u0664", "Score: \uff14", "Score: " + "1" * 5000, "Score: 04"])
+def test_parse_score_takes_one_ascii_digit_only(text):
+    assert parse_score(text) is None
+
+
+def test_parse_score_ignores_bidirectional_marks():
+    assert parse_score("Score:\u200e 4\u200f") == 4

@@ -11,7 +11,6 @@ import re
 import tempfile
 from pathlib import Path
 
-import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -179,7 +178,5 @@ def test_numbers_outside_0_to_5_and_decimals_are_unparseable(prefix, label, numb
     assert parse_score(f"{prefix}\n{label.format(number)}") is None
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True, reason="judge.parse_score calls int() on any run of digits; "
-                   "Python refuses over 4300 digits (reported, judge.py is being edited elsewhere)")
 def test_parse_score_survives_a_number_too_long_to_convert():
     assert parse_score("Score: " + "1" * 5000) is None
