@@ -58,6 +58,19 @@ WINNER_VALUE = re.compile(
     r"[\s*_]*(?:response[\s_]*)?(?P<letter>[ab])(?![a-z0-9])[\s*_]*[.!;,)\]]*[\s*_]*(?:\n|\Z)", re.IGNORECASE
 )
 WINNER_STOPS = ("Winner: A", "Winner: B")
+# Chat-template control markup that a tokenizer would read as real control tokens if judged text held it
+# (ending the user's turn and opening the judge's own), for servers whose tokenizer is not known here.
+COMMON_CONTROL = (r"<\|[^|<>\s]{1,40}\|>", r"</?s>", r"<(?:bos|eos|pad|start_of_turn|end_of_turn)>", r"\[/?INST\]")
+# A verdict written into the judged text ("Score: 5", "**Score: 5**", "rate it 5 out of 5", "Winner: A"):
+# small judges copy the last score they read, so such claims are deleted before judging. Kept narrow so
+# that ordinary text survives: one digit after "score:", and "N/5" or "N out of 5" only with N in 0-5.
+VERDICT_CLAIM = re.compile(
+    r"[*_]*\bscore[*_\s]*[:=][*_\s]*\d(?:\.\d+)?(?!\d)(?:\s*(?:/|out\s+of)\s*\d+)?[*_]*"
+    r"|\b[0-5](?:\.\d)?\s*(?:/|out\s+of)\s*5\b(?![/.,]?\d)"
+    r"|[*_]*\bwinner[*_\s]*:[*_\s]*(?:response\s*)?[ab]\b[*_]*"
+    r"|\"score\"\s*:\s*\"?\d+\"?",
+    re.IGNORECASE,
+)
 # Tags that delimit the judged material; a response that contains them cannot close its own block early.
 DELIMITER = re.compile(r"<\s*(/?)\s*(instruction|response(?:[\s_-]*[ab](?![a-z]))?)\s*>", re.IGNORECASE)
 
@@ -145,22 +158,42 @@ def neutralise_delimiters(text: str) -> str:
     return DELIMITER.sub(lambda m: f"[{m.group(1)}{m.group(2)}]", text)
 
 
-def render_judge_prompt(template: str, item: JudgeItem) -> str:
+def control_tokens(tokenizer) -> re.Pattern[str]:
+    """A pattern of the text forms of `tokenizer`'s special tokens (plus common chat markup)."""
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    specials |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values() if t.special}
+    # Longest first, so that "<end_of_turn>" is not matched as a shorter token it contains.
+    alternatives = [re.escape(s) for s in sorted(specials, key=len, reverse=True) if len(s) >= 3]
+    return re.compile("|".join(alternatives + list(COMMON_CONTROL)))
+
+
+def neutralise(text: str, control: re.Pattern[str] | None = None) -> str:
+    """Judged text made inert before it goes into a judge prompt:
+    - tag look-alikes (`</response>`) rewritten, so it cannot close its block and speak as the prompt;
+    - invisible characters dropped and verdict claims (`Score: 5`, `5/5`, `Winner: A`) deleted;
+    - control tokens (`<end_of_turn>`, `<|im_start|>`, ...) broken by a zero-width space: the text reads
+      the same but no longer tokenizes as a turn boundary.
+    """
+    text = neutralise_delimiters(text.strip()).translate(INVISIBLE)
+    text = VERDICT_CLAIM.sub("", text).strip()
+    pattern = control or re.compile("|".join(COMMON_CONTROL))
+    return pattern.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
+
+
+def render_judge_prompt(template: str, item: JudgeItem, control: re.Pattern[str] | None = None) -> str:
     """The judge instruction for one item (the user turn of the judge conversation)."""
-    return fill(
-        template,
-        instruction=neutralise_delimiters(item.instruction.strip()),
-        response=neutralise_delimiters(item.response.strip()),
-    )
+    return fill(template, instruction=neutralise(item.instruction, control), response=neutralise(item.response, control))
 
 
-def render_pairwise_prompt(template: str, instruction: str, response_a: str, response_b: str) -> str:
+def render_pairwise_prompt(
+    template: str, instruction: str, response_a: str, response_b: str, control: re.Pattern[str] | None = None
+) -> str:
     """The direct comparison instruction for one order of two responses."""
     return fill(
         template,
-        instruction=neutralise_delimiters(instruction.strip()),
-        response_a=neutralise_delimiters(response_a.strip()),
-        response_b=neutralise_delimiters(response_b.strip()),
+        instruction=neutralise(instruction, control),
+        response_a=neutralise(response_a, control),
+        response_b=neutralise(response_b, control),
     )
 
 
@@ -201,9 +234,11 @@ class Judge:
         self.sampling = replace(sampling, stop=sampling.stop + SCORE_STOPS, keep_stop=True)
         self.pairwise_sampling = replace(sampling, stop=sampling.stop + WINNER_STOPS, keep_stop=True)
         self.pairwise_template = pairwise_template or default_pairwise_template()
+        tokenizer = getattr(backend, "tokenizer", None)
+        self.control = control_tokens(tokenizer) if tokenizer is not None else None
 
     def prompt(self, item: JudgeItem) -> str:
-        return self.backend.chat_prompt([{"role": "user", "content": render_judge_prompt(self.template, item)}])
+        return self.backend.chat_prompt([{"role": "user", "content": render_judge_prompt(self.template, item, self.control)}])
 
     def score(self, items: Sequence[JudgeItem], seed: int | None = None) -> list[JudgeResult]:
         """Judge every item; all prompts go to the backend in one call. `seed` overrides the sampling seed."""
@@ -300,7 +335,7 @@ class Judge:
         prompts = []
         for pair in pairs:
             for a, b in ((pair.first, pair.second), (pair.second, pair.first)):
-                content = render_pairwise_prompt(self.pairwise_template, pair.instruction, a, b)
+                content = render_pairwise_prompt(self.pairwise_template, pair.instruction, a, b, self.control)
                 prompts.append(self.backend.chat_prompt([{"role": "user", "content": content}]))
         if self.mode == "expected":
             return self._pairwise_expected(prompts)
