@@ -3,7 +3,7 @@ applied to the same honest answers; the table shows the judge's mean score per a
 from the clean answers, with the judge's defences on and, for comparison, switched off.
 
     python benchmarks/judge_attacks.py --model embedded:gemma3-270m --mode expected --answers 8
-    python benchmarks/judge_attacks.py --model runs/demo/m1 --mode sampled --samples 3 --answers 8
+    python benchmarks/judge_attacks.py --model runs/demo/m1 --mode sampled --answers 4 --attacks appended_score gemma_turns
 
 "Defences off" renders the judged text as it is (no delimiter rewriting, no control-token breaking).
 """
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--answers", type=int, default=8)
     parser.add_argument("--max-chars", type=int, default=400, help="Cut each honest answer to this length.")
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--attacks", nargs="*", help="Only these attack ids (default: the whole corpus).")
     parser.add_argument("--output", type=Path, help="Also write the table as JSON.")
     args = parser.parse_args()
 
@@ -62,7 +63,8 @@ def main() -> None:
     judge = Judge(backend, mode=args.mode, samples=args.samples,
                   sampling=Sampling(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens))
     answers = honest_answers(args.answers, args.max_chars)
-    attacks = [{"id": "clean", "template": "{answer}"}] + load_attacks()
+    chosen = [a for a in load_attacks() if not args.attacks or a["id"] in args.attacks]
+    attacks = [{"id": "clean", "template": "{answer}"}] + chosen
     rows = []
     started = time.perf_counter()
     for attack in attacks:

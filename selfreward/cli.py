@@ -64,12 +64,15 @@ def _guard(action: Callable[[], None]) -> None:
         raise typer.Exit(130) from None
 
 
-def _open(recipe_path: Path, output: Path, verbose: bool):
+def _open(recipe_path: Path, output: Path, verbose: bool, check: bool = True):
+    from selfreward.pipeline import check_inputs
     from selfreward.recipe import load_recipe
     from selfreward.rundir import RunDir
 
     _setup_logging(verbose)
     recipe = load_recipe(recipe_path)
+    if check:
+        check_inputs(recipe, str(recipe_path))
     run_dir = RunDir(output)
     run_dir.bind_recipe(recipe)
     return recipe, run_dir
@@ -289,7 +292,7 @@ def report(recipe: RecipeOption, output: OutputOption) -> None:
     """Print the summary table of a run (finished or not)."""
 
     def action() -> None:
-        config, run_dir = _open(recipe, output, False)
+        config, run_dir = _open(recipe, output, False, check=False)  # a report reads the run only
         _print_summary(config, run_dir)
 
     _guard(action)

@@ -54,22 +54,32 @@ def resolve_model(ref: str) -> str:
     Raises UserError for a local path that does not exist and for an unknown embedded model; a hub id is
     passed through (it fails at load time, with its own message, where no hub is reachable).
     """
+    check_model_reference(ref)
     if ref.startswith(EMBEDDED_PREFIX):
         return str(ensure_embedded(ref[len(EMBEDDED_PREFIX):]))
+    path = Path(ref).expanduser()
+    return str(path) if path.exists() else ref
+
+
+def check_model_reference(ref: str) -> None:
+    """Refuse, without loading anything, a reference that cannot be a model: an unknown embedded name, a
+    missing local directory, or a local path that holds no config.json. Hub ids pass."""
+    if ref.startswith(EMBEDDED_PREFIX):
+        name = ref[len(EMBEDDED_PREFIX):]
+        if name not in EMBEDDED_MODELS:
+            known = ", ".join(EMBEDDED_PREFIX + key for key in EMBEDDED_MODELS)
+            raise UserError(f"model '{ref}': unknown embedded model (known: {known})")
+        return
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise UserError(f"model '{ref}': not a model directory (no config.json)")
-        return str(path)
-    if looks_like_path(ref):
+    elif looks_like_path(ref):
         raise UserError(f"model '{ref}': directory not found")
-    return ref
 
 
 def ensure_embedded(name: str) -> Path:
-    if name not in EMBEDDED_MODELS:
-        known = ", ".join(EMBEDDED_PREFIX + key for key in EMBEDDED_MODELS)
-        raise UserError(f"model '{EMBEDDED_PREFIX}{name}': unknown embedded model (known: {known})")
+    check_model_reference(EMBEDDED_PREFIX + name)
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target

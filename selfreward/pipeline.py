@@ -26,10 +26,10 @@ from selfreward.evaluation import evaluate_judge
 from selfreward.judge import Judge
 from selfreward.errors import UserError
 from selfreward.jsonl import read_jsonl, write_json_atomic
-from selfreward.models import resolve_model
+from selfreward.models import check_model_reference, resolve_model
 from selfreward.recipe import Recipe
 from selfreward.rundir import RunDir
-from selfreward.seeds import load_seeds
+from selfreward.seeds import load_eft, load_ift, load_seeds
 from selfreward.stages.dpo import run_dpo
 from selfreward.stages.generate import run_generate
 from selfreward.stages.judging import run_judging
@@ -92,6 +92,33 @@ def run(recipe: Recipe, run_dir: RunDir) -> list[dict[str, Any]]:
             stage_dpo(recipe, run_dir, t)
             write_metrics(run_dir, t)
     return [iteration_metrics(run_dir, t) for t in range(1, recipe.iterations + 1)]
+
+
+def check_inputs(recipe: Recipe, source: str) -> None:
+    """Every file and model the recipe names exists: checked before any work starts and before the run
+    directory is created, so that a typo costs a second rather than an SFT run."""
+    files = {
+        "data.ift": recipe.data.ift, "data.eft": recipe.data.eft, "prompts.template": recipe.prompts.template,
+        "judge.template": recipe.judge.template, "evaluation.ranked": recipe.evaluation.ranked,
+        "evaluation.pairs": recipe.evaluation.pairs,
+    }
+    oasst1 = recipe.data.oasst1
+    if oasst1 and (Path(oasst1).suffix in {".jsonl", ".json", ".parquet", ".gz"} or oasst1.startswith((".", "/", "~"))):
+        files["data.oasst1"] = oasst1  # a local file, not a hub id
+    for key, value in files.items():
+        if value is not None and not Path(value).expanduser().exists():
+            raise UserError(f"{source}: {key}: '{value}' not found (relative paths start from {Path.cwd()})")
+    for key, ref in (("model.base", recipe.model.base), ("prompts.model", recipe.prompts.model)):
+        try:
+            if ref:
+                check_model_reference(ref)
+        except UserError as error:
+            raise UserError(f"{source}: {key}: {error}") from None
+    # Seed files are small: read them whole now, so a bad line is reported before the run starts.
+    if recipe.data.ift and not load_ift(recipe.data.ift) and not recipe.data.oasst1:
+        raise UserError(f"{recipe.data.ift}: empty file: no IFT seed examples")
+    if recipe.data.eft:
+        load_eft(recipe.data.eft)
 
 
 def warn_remote_code(recipe: Recipe) -> None:
