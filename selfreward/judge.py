@@ -26,6 +26,10 @@ Pairwise comparison of two responses to one instruction, two ways:
   `Winner:` label (`parse_winner`: A or B, same tolerance as `parse_score`). In sampled mode each order
   gets k samples and `first_wins` is the share of parsed verdicts for the first response; in expected mode
   it is the mean over both orders of the next-token probability of its letter after a forced `Winner: `.
+
+Judged text is data, not instructions (`neutralise`): it cannot close its tag, cannot carry a control
+token of the judge's chat template, and verdict claims in it (`Score: 5`, `5/5`, `Winner: A`) are deleted.
+Text that argues for a high score in plain words is left alone, and does move small judges.
 """
 
 
