@@ -214,6 +214,8 @@ def judge_eval(
     samples: Annotated[int, typer.Option("--samples", "-k", min=1)] = 3,
     mode: Annotated[str, typer.Option(help="sampled or expected.")] = "sampled",
     method: Annotated[str, typer.Option(help="scores (rate each response 0-5) or pairwise (compare two directly, both orders).")] = "scores",
+    max_instruction_chars: Annotated[int, typer.Option(min=1, help="The judge sees instructions cut to this many characters (counted).")] = MAX_INSTRUCTION_CHARS,
+    max_response_chars: Annotated[int, typer.Option(min=1, help="The judge sees responses cut to this many characters (counted).")] = MAX_RESPONSE_CHARS,
     endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible server.")] = None,
     api: Annotated[str, typer.Option(help="Endpoint API: chat or completions.")] = "chat",
     backend: Annotated[str, typer.Option(help="Local backend: auto, vllm or transformers.")] = "auto",
@@ -245,7 +247,8 @@ def judge_eval(
             judge_backend = cli_judge.open_judge_backend(model, endpoint, api, backend, "bfloat16", 8, 120.0)
             scorer = Judge(judge_backend, None, mode, samples, cli_judge.sampling(temperature, top_p, max_new_tokens, seed))
         try:
-            cli_judge.write_report(report_path, evaluate_judge(scorer, ranked, pairs, limit, method))
+            cli_judge.write_report(report_path, evaluate_judge(
+                scorer, ranked, pairs, limit, method, (max_instruction_chars, max_response_chars)))
         finally:
             if judge_backend:
                 judge_backend.close()

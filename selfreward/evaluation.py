@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ from typing import Any
 from selfreward.errors import UserError
 from selfreward.jsonl import read_jsonl
 from selfreward.judge import Judge, JudgeItem, JudgePair, PairwiseResult
+from selfreward.limits import MAX_INSTRUCTION_CHARS, MAX_RESPONSE_CHARS, cut
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -187,11 +191,18 @@ def length_scores(texts: Sequence[str]) -> list[float]:
 
 
 def evaluate_judge(
-    judge: Judge | None, ranked: Path | None, pairs: Path | None, limit: int | None, method: str = "scores"
+    judge: Judge | None,
+    ranked: Path | None,
+    pairs: Path | None,
+    limit: int | None,
+    method: str = "scores",
+    max_chars: tuple[int, int] = (MAX_INSTRUCTION_CHARS, MAX_RESPONSE_CHARS),
 ) -> dict[str, Any]:
     """Judge (and the length baseline) against human preferences; judge None = baseline only.
 
     `method`: "scores" rates every response on the rubric; "pairwise" compares pairs directly.
+    The judge sees instructions and responses cut to `max_chars` (instruction, response), counted in the
+    report as `truncated`; the length baseline sees the full texts.
     """
     report: dict[str, Any] = {}
     if ranked:
@@ -199,14 +210,39 @@ def evaluate_judge(
         report["ranked"] = {"file": str(ranked), "length_baseline": ranked_metrics(
             [length_scores(p.responses) for p in prompts], [p.ranks for p in prompts], on_rubric=False)}
         if judge:
-            report["ranked"]["judge"] = _timed(lambda: _judge_ranked(judge, prompts, method))
+            cut_prompts, report["ranked"]["truncated"] = _cut_ranked(prompts, *max_chars)
+            report["ranked"]["judge"] = _timed(lambda: _judge_ranked(judge, cut_prompts, method))
     if pairs:
         items = load_pairs(pairs)[:limit]
         report["pairs"] = {"file": str(pairs), "length_baseline": pair_metrics(
             [len(p.chosen) for p in items], [len(p.rejected) for p in items])}
         if judge:
-            report["pairs"]["judge"] = _timed(lambda: _judge_pairs(judge, items, method))
+            cut_items, report["pairs"]["truncated"] = _cut_pairs(items, *max_chars)
+            report["pairs"]["judge"] = _timed(lambda: _judge_pairs(judge, cut_items, method))
     return report
+
+
+def _cut_ranked(prompts: Sequence[RankedPrompt], max_instruction: int, max_response: int) -> tuple[list[RankedPrompt], int]:
+    texts = [(p.instruction, *p.responses) for p in prompts]
+    cut_texts, count = _cut_all(texts, max_instruction, max_response)
+    return [replace(p, instruction=t[0], responses=tuple(t[1:])) for p, t in zip(prompts, cut_texts)], count
+
+
+def _cut_pairs(items: Sequence[PreferencePair], max_instruction: int, max_response: int) -> tuple[list[PreferencePair], int]:
+    cut_texts, count = _cut_all([(p.instruction, p.chosen, p.rejected) for p in items], max_instruction, max_response)
+    return [replace(p, instruction=i, chosen=c, rejected=r) for p, (i, c, r) in zip(items, cut_texts)], count
+
+
+def _cut_all(rows: Sequence[tuple[str, ...]], max_instruction: int, max_response: int) -> tuple[list[tuple[str, ...]], int]:
+    """Each row is (instruction, response, ...): cut to the limits; returns the rows and how many texts were cut."""
+    out, count = [], 0
+    for row in rows:
+        cut_row = (cut(row[0], max_instruction), *(cut(text, max_response) for text in row[1:]))
+        count += sum(a != b for a, b in zip(row, cut_row))
+        out.append(cut_row)
+    if count:
+        log.warning("judge-eval: cut %d texts to %d / %d characters (instruction / response)", count, max_instruction, max_response)
+    return out, count
 
 
 def _timed(measure) -> dict[str, Any]:

@@ -214,7 +214,8 @@ def stage_judge_eval(recipe: Recipe, run_dir: RunDir, t: int, models: Models) ->
                   config.mode, recipe.judge.samples, sampling)
     ranked = Path(config.ranked) if config.ranked else None
     pairs = Path(config.pairs) if config.pairs else None
-    result = evaluate_judge(judge, ranked, pairs, config.limit)
+    result = evaluate_judge(judge, ranked, pairs, config.limit,
+                            max_chars=(recipe.limits.max_instruction_chars, recipe.limits.max_response_chars))
     write_json_atomic(run_dir.iteration(t) / "judge_eval.json", result)
     run_dir.mark_done(f"iter{t}/judge_eval", result)
     return result

@@ -73,3 +73,19 @@ def test_pairwise_method_compares_every_human_ordered_pair(tmp_path, tiny_model)
     assert judge["pairs"] == 5 and len(backend.prompts) == 10
     assert judge["pairwise_accuracy"] == 80.0 and judge["position_consistency"] == 100.0
     assert report["ranked"]["length_baseline"]["pairwise_accuracy"] == 80.0
+
+
+def test_judge_eval_cuts_what_the_judge_reads_but_not_the_length_baseline(tmp_path, tiny_model):
+    from selfreward.judge import Judge
+    from selfreward.models import load_tokenizer
+    from tests.test_judge import PairwiseBackend
+
+    path = tmp_path / "pairs.jsonl"
+    long_answer = "word " * 100
+    path.write_text(json.dumps({"prompt": "q", "chosen": long_answer, "rejected": "short"}) + "\n")
+    seen = []
+    backend = PairwiseBackend(load_tokenizer(tiny_model), lambda a, b: seen.append((a, b)) or "A")
+    report = evaluate_judge(Judge(backend, samples=1), None, path, None, "pairwise", max_chars=(50, 40))
+    assert report["pairs"]["truncated"] == 1
+    assert max(len(text) for pair in seen for text in pair) <= 40
+    assert report["pairs"]["length_baseline"]["pairwise_accuracy"] == 100.0  # full lengths
