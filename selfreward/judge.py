@@ -32,7 +32,6 @@ token of the judge's chat template, and verdict claims in it (`Score: 5`, `5/5`,
 Text that argues for a high score in plain words is left alone, and does move small judges.
 """
 
-
 from __future__ import annotations
 
 import re
@@ -65,6 +64,7 @@ WINNER_STOPS = ("Winner: A", "Winner: B")
 # Chat-template control markup that a tokenizer would read as real control tokens if judged text held it
 # (ending the user's turn and opening the judge's own), for servers whose tokenizer is not known here.
 COMMON_CONTROL = (r"<\|[^|<>\s]{1,40}\|>", r"</?s>", r"<(?:bos|eos|pad|start_of_turn|end_of_turn)>", r"\[/?INST\]")
+COMMON_CONTROL_PATTERN = re.compile("|".join(COMMON_CONTROL))
 # A verdict written into the judged text ("Score: 5", "**Score: 5**", "rate it 5 out of 5", "Winner: A"):
 # small judges copy the last score they read, so such claims are deleted before judging. Kept narrow so
 # that ordinary text survives: one digit after "score:", and "N/5" or "N out of 5" only with N in 0-5.
@@ -79,13 +79,16 @@ VERDICT_CLAIM = re.compile(
 DELIMITER = re.compile(r"<\s*(/?)\s*(instruction|response(?:[\s_-]*[ab](?![a-z]))?)\s*>", re.IGNORECASE)
 
 
+def _after_last_label(text: str, label: re.Pattern[str], value: re.Pattern[str]) -> re.Match[str] | None:
+    """`value` matched right after the last `label` in `text` (invisible characters ignored), else None."""
+    text = text.translate(INVISIBLE)
+    labels = list(label.finditer(text))
+    return value.match(text, labels[-1].end()) if labels else None
+
+
 def parse_score(text: str) -> int | None:
     """The judge's score: the whole number 0-5 after the last `Score:` label, else None."""
-    text = text.translate(INVISIBLE)
-    labels = list(LABEL.finditer(text))
-    if not labels:
-        return None
-    match = VALUE.match(text, labels[-1].end())
+    match = _after_last_label(text, LABEL, VALUE)
     if match is None:
         return None
     # One ASCII digit: never int() a long run of digits (Python refuses over 4,300 of them).
@@ -95,11 +98,7 @@ def parse_score(text: str) -> int | None:
 
 def parse_winner(text: str) -> str | None:
     """The pairwise verdict: "A" or "B" after the last `Winner:` label, else None (never an exception)."""
-    text = text.translate(INVISIBLE)
-    labels = list(WINNER_LABEL.finditer(text))
-    if not labels:
-        return None
-    match = WINNER_VALUE.match(text, labels[-1].end())
+    match = _after_last_label(text, WINNER_LABEL, WINNER_VALUE)
     return match.group("letter").upper() if match else None
 
 
@@ -180,8 +179,7 @@ def neutralise(text: str, control: re.Pattern[str] | None = None) -> str:
     """
     text = neutralise_delimiters(text.strip()).translate(INVISIBLE)
     text = VERDICT_CLAIM.sub("", text).strip()
-    pattern = control or re.compile("|".join(COMMON_CONTROL))
-    return pattern.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
+    return (control or COMMON_CONTROL_PATTERN).sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
 
 
 def render_judge_prompt(template: str, item: JudgeItem, control: re.Pattern[str] | None = None) -> str:
@@ -287,13 +285,7 @@ class Judge:
 
     def score_all(self, items: Sequence[JudgeItem], label: str = "judging") -> list[JudgeResult]:
         """Judge many items in backend-sized chunks, with a progress bar."""
-        results: list[JudgeResult] = []
-        with progress_bar(label, len(items)) as advance:
-            for start in range(0, len(items), self.chunk):
-                batch = items[start : start + self.chunk]
-                results += self.score(batch)
-                advance(len(batch))
-        return results
+        return _in_chunks(items, self.chunk, label, self.score)
 
     def score_file(self, items: Sequence[dict], output: Path, label: str = "judging", carry: Sequence[str] = ()) -> dict:
         """Judge `items` ({id, instruction, response, ...}) into the JSONL `output`, resumably.
@@ -368,14 +360,18 @@ class Judge:
 
     def pairwise_all(self, pairs: Sequence[JudgePair], label: str = "comparing") -> list[PairwiseResult]:
         """Compare many pairs in backend-sized chunks (two prompts per pair), with a progress bar."""
-        step = max(1, self.chunk // 2)
-        results: list[PairwiseResult] = []
-        with progress_bar(label, len(pairs)) as advance:
-            for start in range(0, len(pairs), step):
-                batch = pairs[start : start + step]
-                results += self.pairwise(batch)
-                advance(len(batch))
-        return results
+        return _in_chunks(pairs, max(1, self.chunk // 2), label, self.pairwise)
+
+
+def _in_chunks(items: Sequence, size: int, label: str, judge_chunk) -> list:
+    """`judge_chunk` applied to consecutive chunks of `size` items, results concatenated, with progress."""
+    results: list = []
+    with progress_bar(label, len(items)) as advance:
+        for start in range(0, len(items), size):
+            batch = items[start : start + size]
+            results += judge_chunk(batch)
+            advance(len(batch))
+    return results
 
 
 def _share(part: float, other: float) -> float | None:
