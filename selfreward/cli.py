@@ -86,65 +86,108 @@ def _print_summary(recipe, run_dir) -> None:
     Console().print(summary_table(rows, run_dir.done_record("sft")))
 
 
+def _opener(ctx: typer.Context):
+    """The function that loads a model into a backend: the real one, or what the caller passed as
+    `app(args, obj={"open_backend": ...})` (tests and benchmarks)."""
+    from selfreward.backends import open_backend
+
+    return (ctx.obj or {}).get("open_backend", open_backend)
+
+
 @app.command()
-def iterate(recipe: RecipeOption, output: OutputOption, verbose: VerboseOption = False) -> None:
+def iterate(ctx: typer.Context, recipe: RecipeOption, output: OutputOption, verbose: VerboseOption = False) -> None:
     """Run the whole loop: SFT, then every iteration of the recipe. Rerun to resume."""
 
     def action() -> None:
         from selfreward import pipeline
 
         config, run_dir = _open(recipe, output, verbose)
-        pipeline.run(config, run_dir)
+        pipeline.run(config, run_dir, _opener(ctx))
         _print_summary(config, run_dir)
 
     _guard(action)
 
 
+def run_stage_command(ctx: typer.Context, name: str, recipe: Path, output: Path, iteration: int, shard: str | None, verbose: bool) -> None:
+    """One stage (or one shard of it) against the run directory, as the loop would run it."""
+    from selfreward import pipeline
+    from selfreward.stages import BY_NAME
+    from selfreward.stages.context import Models
+    from selfreward.units import Shard
+
+    stage = BY_NAME[name]
+    part = Shard.parse(shard) if shard else None
+    config, run_dir = _open(recipe, output, verbose)
+    if stage.model:
+        pipeline.warn_remote_code(config)
+    if not stage.enabled(config):
+        raise UserError(f"{recipe}: stage '{name}' is turned off by this recipe")
+    with Models(config, _opener(ctx)) as models:
+        pipeline.run_stage(stage, config, run_dir, iteration if stage.per_iteration else 0, models, part)
+    if stage.name == "dpo":
+        pipeline.write_metrics(run_dir, iteration)
+
+
+ShardOption = Annotated[str | None, typer.Option("--shard", help="Run part i of N of this stage (i/N, e.g. 2/3); join the parts with `selfreward merge`.")]
+
+
+def _stage_command(stage) -> None:
+    """A CLI command for `stage`, from its declaration: --iteration for iteration stages, --shard where it shards."""
+    if not stage.per_iteration:
+        def command(ctx: typer.Context, recipe: RecipeOption, output: OutputOption, verbose: VerboseOption = False) -> None:
+            _guard(lambda: run_stage_command(ctx, stage.name, recipe, output, 0, None, verbose))
+    elif stage.shardable:
+        def command(ctx: typer.Context, recipe: RecipeOption, output: OutputOption, iteration: IterationOption,
+                    shard: ShardOption = None, verbose: VerboseOption = False) -> None:
+            _guard(lambda: run_stage_command(ctx, stage.name, recipe, output, iteration, shard, verbose))
+    else:
+        def command(ctx: typer.Context, recipe: RecipeOption, output: OutputOption, iteration: IterationOption,
+                    verbose: VerboseOption = False) -> None:
+            _guard(lambda: run_stage_command(ctx, stage.name, recipe, output, iteration, None, verbose))
+
+    command.__doc__ = stage.help + " Rerun to resume."
+    app.command(stage.name)(command)
+
+
+def _register_stage_commands() -> None:
+    from selfreward.stages import STAGES
+
+    # `judge` has a file mode too: its command is written out below and runs the stage in stage mode.
+    for stage in STAGES:
+        if stage.name != "judge":
+            _stage_command(stage)
+
+
+_register_stage_commands()
+
+
 @app.command()
-def sft(recipe: RecipeOption, output: OutputOption, verbose: VerboseOption = False) -> None:
-    """SFT: train M1 from the base model on IFT + EFT seed data (writes m1/)."""
+def merge(
+    ctx: typer.Context, recipe: RecipeOption, output: OutputOption, iteration: IterationOption,
+    stage: Annotated[str, typer.Option("--stage", help="The sharded stage: generate or judge.")],
+    verbose: VerboseOption = False,
+) -> None:
+    """Join the parts of a sharded stage (selfreward generate|judge --shard i/N) into its file, once every
+    part has finished; refuses, naming the missing part, otherwise."""
 
     def action() -> None:
         from selfreward import pipeline
+        from selfreward.stages import BY_NAME
+        from selfreward.stages.context import Models
 
+        if stage not in BY_NAME:
+            raise UserError(f"--stage: unknown stage '{stage}' (stages: {', '.join(BY_NAME)})")
         config, run_dir = _open(recipe, output, verbose)
-        pipeline.warn_remote_code(config)
-        pipeline.stage_sft(config, run_dir)
+        with Models(config, _opener(ctx)) as models:
+            result = pipeline.merge(BY_NAME[stage], config, run_dir, iteration, models)
+        console.print(f"merged {result.get('shards', 'all')} parts of iter{iteration}/{stage}", highlight=False)
 
     _guard(action)
 
 
-def _stage_command(name: str, stage: str, doc: str, uses_backend: bool, loads_model: bool = True) -> None:
-    def command(recipe: RecipeOption, output: OutputOption, iteration: IterationOption, verbose: VerboseOption = False) -> None:
-        def action() -> None:
-            from selfreward import pipeline
-
-            config, run_dir = _open(recipe, output, verbose)
-            if loads_model:
-                pipeline.warn_remote_code(config)
-            function = getattr(pipeline, f"stage_{stage}")
-            if uses_backend:
-                with pipeline.Models(config) as models:
-                    function(config, run_dir, iteration, models)
-            else:
-                function(config, run_dir, iteration)
-            if stage == "dpo":
-                pipeline.write_metrics(run_dir, iteration)
-
-        _guard(action)
-
-    command.__doc__ = doc
-    app.command(name)(command)
-
-
-_stage_command("prompts", "prompts", "Self-instruct: M_t writes new prompts (iter{t}/prompts.jsonl).", True)
-_stage_command("generate", "responses", "Sample N candidate responses per prompt (iter{t}/responses.jsonl).", True)
-_stage_command("pairs", "pairs", "Best vs worst candidate per prompt, ties dropped (iter{t}/pairs.jsonl).", False, loads_model=False)
-_stage_command("dpo", "dpo", "DPO-train M_{t+1} from M_t on the pairs (iter{t}/model/).", False)
-
-
 @app.command()
 def judge(
+    ctx: typer.Context,
     recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="Stage mode: the run's recipe.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Stage mode: the run directory. File mode: the scored JSONL (resumed by id).")] = None,
     iteration: Annotated[int | None, typer.Option("--iteration", "-t", min=1, help="Stage mode: iteration t.")] = None,
@@ -164,6 +207,7 @@ def judge(
     concurrency: Annotated[int, typer.Option(min=1, help="Endpoint: requests in flight.")] = 8,
     timeout: Annotated[float, typer.Option(min=1.0, help="Endpoint: seconds per request.")] = 120.0,
     seed: int = 0,
+    shard: ShardOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Judge responses. File mode (--input): score any JSONL of items with a model or an endpoint.
@@ -173,12 +217,7 @@ def judge(
         if input is None:
             if recipe is None or output is None or iteration is None:
                 raise UserError("judge: give --input, --output and --model (file mode), or --recipe, --output and --iteration (stage mode)")
-            from selfreward import pipeline
-
-            config, run_dir = _open(recipe, output, verbose)
-            pipeline.warn_remote_code(config)
-            with pipeline.Models(config) as models:
-                pipeline.stage_judgments(config, run_dir, iteration, models)
+            run_stage_command(ctx, "judge", recipe, output, iteration, shard, verbose)
             return
         from selfreward import cli_judge
         from selfreward.judge import Judge

@@ -8,9 +8,11 @@ Two kinds of human data:
 Definitions. Pairwise accuracy: over all pairs of responses to one instruction with different human
 ranks, the share the judge orders the same way (a tie or a missing score counts as a miss). 5-best %: the
 share of instructions whose human-best response gets the top score, 5 (a mean score of k samples counts
-when it is 5). Exact match %: the share of instructions whose full ranking by the judge (ties not
-allowed) equals the human one. Spearman and Kendall (tau-b): rank correlation of judge scores with human
-ranks per instruction, averaged over instructions where both are defined.
+when it is 5; where humans tie for best, any of the tied responses counts). Exact match %: the share of
+instructions whose full ranking by the judge equals the human one: every pair the humans order, the judge
+orders the same way, and it ties exactly the pairs the humans tie (a missing score is a miss). Both are
+independent of the order the responses are listed in. Spearman and Kendall (tau-b): rank correlation of
+judge scores with human ranks per instruction, averaged over instructions where both are defined.
 
 With `method="pairwise"` the judge compares the two responses of every human-ordered pair directly
 (`Judge.pairwise`, both orders); only pairwise accuracy is defined then, reported with the share of
@@ -142,10 +144,9 @@ def ranked_metrics(
         for better, worse in _human_ordered(human):
             total += 1
             agree += _agrees(row[better], row[worse])
-        best = min(range(len(row)), key=lambda k: human[k])
-        best5 += row[best] is not None and row[best] >= 5
-        if all(s is not None for s in row) and len(set(row)) == len(row):
-            exact += sorted(range(len(row)), key=lambda k: -row[k]) == sorted(range(len(row)), key=lambda k: human[k])
+        top = min(human)
+        best5 += any(row[k] is not None and row[k] >= 5 for k in range(len(row)) if human[k] == top)
+        exact += _same_ranking(row, human)
         if all(s is not None for s in row) and len(set(row)) > 1 and len(set(human)) > 1:
             negated = [-h for h in human]  # rank 0 is best: correlate scores with -rank
             rho, tau = spearmanr(row, negated).statistic, kendalltau(row, negated).statistic
@@ -163,6 +164,16 @@ def ranked_metrics(
         "spearman": round(sum(spearman) / len(spearman), 4) if spearman else None,
         "kendall_tau": round(sum(kendall) / len(kendall), 4) if kendall else None,
     }
+
+
+def _same_ranking(scores: Sequence[float | None], ranks: Sequence[int]) -> bool:
+    """The judge orders (or ties) every pair exactly as the humans do; higher score, lower rank = better."""
+    # Pair by pair rather than comparing sorted index lists: sorting broke human ties by list position,
+    # which made the metric depend on the order the responses happen to be listed in.
+    if any(s is None for s in scores):
+        return False
+    return all((scores[i] > scores[j]) == (ranks[i] < ranks[j]) and (scores[i] == scores[j]) == (ranks[i] == ranks[j])
+               for i, j in combinations(range(len(scores)), 2))
 
 
 def pair_metrics(chosen: Sequence[float | None], rejected: Sequence[float | None]) -> dict[str, float | int | None]:

@@ -36,14 +36,15 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from selfreward.backends.base import Backend, Sampling
-from selfreward.jsonl import append_jsonl, resume_records
+from selfreward.jsonl import append_jsonl, read_jsonl
 from selfreward.progress import progress_bar
 from selfreward.templates import fill, load_template
+from selfreward.units import cut, resume_units, unit_seed
 
 SCORES = range(6)
 # Sampled judgments stop at the first `Score: N` (N in 0-5): whatever follows only costs time, and small
@@ -287,35 +288,39 @@ class Judge:
         """Judge many items in backend-sized chunks, with a progress bar."""
         return _in_chunks(items, self.chunk, label, self.score)
 
-    def score_file(self, items: Sequence[dict], output: Path, label: str = "judging", carry: Sequence[str] = ()) -> dict:
+    def score_file(
+        self,
+        items: Sequence[dict],
+        output: Path,
+        label: str = "judging",
+        carry: Sequence[str] = (),
+        unit_size: int | None = None,
+        seed_of: Callable[[str], int] | None = None,
+    ) -> dict:
         """Judge `items` ({id, instruction, response, ...}) into the JSONL `output`, resumably.
 
-        Records {id, <carry fields>, score, scores, judgments, parse_failures} are appended per chunk; ids
-        already in `output` (an interrupted run) are skipped. Returns counts over the whole file.
+        Items are judged in consecutive units of `unit_size` (default: the backend's preferred chunk), each
+        sampled with `seed_of(first id)` (default: derived from the sampling seed and that id) and appended
+        as {id, <carry fields>, score, scores, judgments, parse_failures}. A rerun keeps the complete units
+        already in `output`, so an interrupted file ends exactly as an uninterrupted one would.
+        Returns counts over the whole file (`summarize`).
         """
         started = time.perf_counter()
-        done = {str(r["id"]) for r in resume_records(output)}
-        todo = [item for item in items if str(item["id"]) not in done]
-        with progress_bar(label, len(items), len(items) - len(todo)) as advance:
-            for start in range(0, len(todo), self.chunk):
-                batch = todo[start : start + self.chunk]
-                results = self.score([JudgeItem(i["instruction"], i["response"]) for i in batch],
-                                     seed=self.sampling.seed + len(done) + start)
+        seed_of = seed_of or (lambda first: unit_seed(self.sampling.seed, "judge", 0, first))
+        units = cut(items, unit_size or self.chunk)
+        done = resume_units(output, units, "id")
+        todo = sum(len(unit) for unit in units[done:])
+        with progress_bar(label, len(items), len(items) - todo) as advance:
+            for unit in units[done:]:
+                results = self.score([JudgeItem(i["instruction"], i["response"]) for i in unit], seed=seed_of(str(unit[0]["id"])))
                 append_jsonl(output, (
                     {"id": item["id"], **{key: item[key] for key in carry}, "score": r.score, "scores": r.scores,
                      "judgments": r.texts, "parse_failures": r.parse_failures}
-                    for item, r in zip(batch, results)
+                    for item, r in zip(unit, results)
                 ))
-                advance(len(batch))
-        records = resume_records(output)
-        scored = [r["score"] for r in records if r["score"] is not None]
-        return {
-            "judged": len(records), "judged_now": len(todo), "unscored": len(records) - len(scored),
-            "parse_failures": sum(r["parse_failures"] for r in records),
-            "judge_samples": sum(len(r["scores"]) for r in records) or len(records),
-            "mean_score": round(sum(scored) / len(scored), 3) if scored else None,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
+                advance(len(unit))
+        records = read_jsonl(output) if output.exists() else []
+        return {**summarize(records), "judged_now": todo, "seconds": round(time.perf_counter() - started, 1)}
 
     def compare(self, instruction: str, first: str, second: str) -> float | None:
         """Score difference (first minus second) for two responses to one instruction; None if unscored."""
@@ -361,6 +366,17 @@ class Judge:
     def pairwise_all(self, pairs: Sequence[JudgePair], label: str = "comparing") -> list[PairwiseResult]:
         """Compare many pairs in backend-sized chunks (two prompts per pair), with a progress bar."""
         return _in_chunks(pairs, max(1, self.chunk // 2), label, self.pairwise)
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Counts over judged records: how many, unscored, parse failures, judge samples, mean score."""
+    scored = [r["score"] for r in records if r["score"] is not None]
+    return {
+        "judged": len(records), "unscored": len(records) - len(scored),
+        "parse_failures": sum(r["parse_failures"] for r in records),
+        "judge_samples": sum(len(r["scores"]) for r in records) or len(records),
+        "mean_score": round(sum(scored) / len(scored), 3) if scored else None,
+    }
 
 
 def _in_chunks(items: Sequence, size: int, label: str, judge_chunk) -> list:

@@ -52,3 +52,9 @@ def limit_lengths(
     records, instructions = truncate(records, "instruction", max_instruction, f"{what} instructions")
     records, responses = truncate(records, "response", max_response, f"{what} responses")
     return records, {"instructions": instructions, "responses": responses}
+
+
+def count_over(records: list[dict[str, Any]], max_instruction: int, max_response: int) -> dict[str, int]:
+    """How many records `limit_lengths` would cut, per field (without cutting or logging)."""
+    return {"instructions": sum(len(r["instruction"]) > max_instruction for r in records),
+            "responses": sum(len(r["response"]) > max_response for r in records)}

@@ -8,90 +8,148 @@
         pairs      = best vs worst candidate per prompt; ties dropped
         M_{t+1}    = DPO(M_t, pairs), reference M_t
 
-Each `stage_*` function below runs one stage against the run directory: it skips a finished stage,
-resumes a half-finished one, and marks it done only once its outputs are complete. The CLI's per-stage
-commands call the same functions, so a cluster job can run one stage each.
+The stages and their order are declared once, in `selfreward.stages.STAGES`; `run` walks that list.
+`run_stage` runs one stage against the run directory, for the loop and for the CLI's per-stage commands
+alike: it refuses a stage whose inputs are not finished, takes the stage's lock (one writer at a time),
+skips a finished stage, resumes a half-finished one, and marks it done only once its outputs are complete.
+A shardable stage can also run as N shards (`shard`), whose parts `merge` joins.
 """
 
 from __future__ import annotations
 
 import logging
-from statistics import mean
+import re
+from pathlib import Path
 from typing import Any
 
-from pathlib import Path
-
-from selfreward.backends import Backend, Sampling, open_backend
-from selfreward.evaluation import evaluate_judge
-from selfreward.judge import Judge
+from selfreward.backends import open_backend
 from selfreward.errors import UserError
-from selfreward.jsonl import read_jsonl, write_json_atomic
-from selfreward.models import check_model_reference, resolve_model
+from selfreward.jsonl import read_jsonl, write_json_atomic, write_jsonl_atomic
+from selfreward.models import check_model_reference
 from selfreward.recipe import Recipe
 from selfreward.rundir import RunDir
-from selfreward.seeds import load_eft, load_ift, load_seeds
-from selfreward.stages.dpo import run_dpo
-from selfreward.stages.generate import run_generate
-from selfreward.stages.judging import run_judging
-from selfreward.stages.pairs import run_pairs
-from selfreward.stages.prompts import run_prompts
-from selfreward.stages.sft import run_sft
-from selfreward.templates import load_template
+from selfreward.seeds import load_eft, load_ift
+from selfreward.stages import ITERATION, MODEL, SFT, STAGES, Stage, producer
+from selfreward.stages.context import BackendOpener, Models, StageContext
+from selfreward.units import Shard
 
 log = logging.getLogger(__name__)
-ITERATION_STAGES = ("prompts", "responses", "judgments", "pairs", "dpo")
 
 
-class Models:
-    """Opens a model in the recipe's backend on first use and keeps at most one open.
-
-    Stages of one iteration that use M_t share one load; nothing is loaded for stages already done, and
-    the model is closed before training so generation and training never hold the accelerator together.
-    """
-
-    def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
-        self.ref: str | None = None
-        self.backend: Backend | None = None
-
-    def get(self, ref: str) -> Backend:
-        if self.backend is None or self.ref != ref:
-            self.close()
-            self.backend = open_backend(
-                resolve_model(ref), self.recipe.backend, self.recipe.seed, self.recipe.model.trust_remote_code
-            )
-            self.ref = ref
-        return self.backend
-
-    def close(self) -> None:
-        if self.backend is not None:
-            self.backend.close()
-            self.backend, self.ref = None, None
-
-    def __enter__(self) -> Models:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def run(recipe: Recipe, run_dir: RunDir) -> list[dict[str, Any]]:
+def run(recipe: Recipe, run_dir: RunDir, opener: BackendOpener = open_backend) -> list[dict[str, Any]]:
     """SFT, then `recipe.iterations` self-rewarding iterations; returns one metrics record per iteration."""
     warn_remote_code(recipe)
     run_dir.bind_recipe(recipe)
-    if recipe.sft.enabled:
-        stage_sft(recipe, run_dir)
-    with Models(recipe) as models:
+    with run_dir.hold("iterate"), Models(recipe, opener) as models:
+        run_stage(SFT, recipe, run_dir, 0, models)
         for t in range(1, recipe.iterations + 1):
-            stage_prompts(recipe, run_dir, t, models)
-            stage_responses(recipe, run_dir, t, models)
-            stage_judgments(recipe, run_dir, t, models)
-            stage_judge_eval(recipe, run_dir, t, models)
-            stage_pairs(recipe, run_dir, t)
-            models.close()
-            stage_dpo(recipe, run_dir, t)
+            for stage in ITERATION:
+                run_stage(stage, recipe, run_dir, t, models)
             write_metrics(run_dir, t)
     return [iteration_metrics(run_dir, t) for t in range(1, recipe.iterations + 1)]
+
+
+def run_stage(
+    stage: Stage, recipe: Recipe, run_dir: RunDir, t: int, models: Models, shard: Shard | None = None
+) -> dict[str, Any] | None:
+    """Run one stage of iteration `t` (0 for SFT), or one shard of it; return its done record."""
+    if not stage.enabled(recipe):
+        return None
+    key = stage.done_key(t, shard)
+    if (done := _skip(run_dir, key)) is not None:
+        return done
+    if shard and stage.summarize is None:
+        raise UserError(f"--shard: stage '{stage.name}' cannot be sharded")
+    _require_inputs(stage, recipe, run_dir, t)
+    with run_dir.hold(key):
+        if (done := _skip(run_dir, key)) is not None:  # finished by another process while we waited
+            return done
+        if stage.model == "train":
+            models.close()  # generation and training never hold the accelerator together
+        ctx = StageContext(recipe, run_dir, t, stage.name, models, shard)
+        result = stage.run(ctx)
+        if stage.summarize is not None and shard is None:
+            output = _file(run_dir, stage, t)
+            result = {**stage.summarize(ctx, read_jsonl(output)), **result}
+        elif shard is not None:
+            result = {**result, "shard": shard.index, "of": shard.count,
+                      "records": len(read_jsonl(ctx.output(_file(run_dir, stage, t))))}
+        run_dir.mark_done(key, result)
+    return result
+
+
+def merge(stage: Stage, recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> dict[str, Any]:
+    """Join the finished parts of a sharded stage into its file, in order, and mark the stage done.
+
+    Refuses, naming the first missing or unfinished part, unless every part 1..N is finished.
+    """
+    if stage.summarize is None:
+        raise UserError(f"merge: stage '{stage.name}' is not sharded (shardable: {', '.join(s.name for s in STAGES if s.shardable)})")
+    key = stage.done_key(t)
+    if (done := _skip(run_dir, key)) is not None:
+        return done
+    output = _file(run_dir, stage, t)
+    counts = _part_counts(run_dir, stage, t, output)
+    if not counts:
+        raise UserError(f"{run_dir.root}: no parts of stage '{key}' to merge; run `selfreward {stage.name} --shard i/N` first")
+    if len(counts) > 1:
+        raise UserError(f"{run_dir.root}: parts of stage '{key}' were cut in different ways ({' and '.join(f'N={n}' for n in sorted(counts))}); "
+                        "delete the parts of one of them")
+    (count,) = counts
+    shards = [Shard(i, count) for i in range(1, count + 1)]
+    for shard in shards:
+        if not run_dir.is_done(stage.done_key(t, shard)):
+            state = "unfinished" if run_dir.part(output, shard).exists() else "missing"
+            raise UserError(f"{run_dir.root}: part {shard.index}/{count} of stage '{key}' is {state}; "
+                            f"run `selfreward {stage.name} --iteration {t} --shard {shard.index}/{count}` first")
+    with run_dir.hold(key):
+        records = [record for shard in shards for record in read_jsonl(run_dir.part(output, shard))]
+        write_jsonl_atomic(output, records)
+        parts = [run_dir.done_record(stage.done_key(t, shard)) for shard in shards]
+        ctx = StageContext(recipe, run_dir, t, stage.name, models)
+        result = {**stage.summarize(ctx, records), "seconds": round(sum(p.get("seconds") or 0 for p in parts), 1),
+                  "shards": count}
+        run_dir.mark_done(key, result)
+    return result
+
+
+def _part_counts(run_dir: RunDir, stage: Stage, t: int, output: Path) -> set[int]:
+    """The N of every part found (part files and part done records), so that a lone part still names N."""
+    pattern = re.compile(r"\.part-(\d+)-of-(\d+)$")
+    names = [p.stem for p in output.parent.glob(f"{output.stem}.part-*-of-*{output.suffix}")]
+    names += run_dir.done_keys(f"{stage.done_key(t)}.part-")
+    return {int(match.group(2)) for name in names if (match := pattern.search(name))}
+
+
+def _file(run_dir: RunDir, stage: Stage, t: int) -> Path:
+    """The one run file a shardable stage writes."""
+    (name,) = stage.writes
+    return getattr(run_dir, name)(t)
+
+
+def _skip(run_dir: RunDir, key: str) -> dict | None:
+    record = run_dir.done_record(key)
+    if record is not None:
+        log.info("%s: already done, skipping", key)
+    return record
+
+
+def _require_inputs(stage: Stage, recipe: Recipe, run_dir: RunDir, t: int) -> None:
+    """Refuse to start a stage whose inputs are not finished, naming the command that makes them."""
+    for name in stage.inputs(recipe):
+        if name == MODEL:
+            if t == 1 and recipe.sft.enabled:
+                needed, command = SFT.done_key(0), "sft"
+            elif t > 1:
+                dpo = producer(MODEL)
+                needed, command = dpo.done_key(t - 1), f"{dpo.name} --iteration {t - 1}"
+            else:
+                continue  # M1 is the base model
+        else:
+            source = producer(name)
+            needed, command = source.done_key(t), f"{source.name} --iteration {t}"
+        if not run_dir.is_done(needed):
+            raise UserError(f"{run_dir.root}: stage '{needed}' has not finished; run `selfreward {command}` first")
 
 
 def check_inputs(recipe: Recipe, source: str) -> None:
@@ -100,7 +158,7 @@ def check_inputs(recipe: Recipe, source: str) -> None:
     files = {
         "data.ift": recipe.data.ift, "data.eft": recipe.data.eft, "prompts.template": recipe.prompts.template,
         "judge.template": recipe.judge.template, "evaluation.ranked": recipe.evaluation.ranked,
-        "evaluation.pairs": recipe.evaluation.pairs,
+        "evaluation.pairs": recipe.evaluation.pairs, "launcher.config_file": recipe.launcher.config_file,
     }
     oasst1 = recipe.data.oasst1
     if oasst1 and (Path(oasst1).suffix in {".jsonl", ".json", ".parquet", ".gz"} or oasst1.startswith((".", "/", "~"))):
@@ -128,147 +186,16 @@ def warn_remote_code(recipe: Recipe) -> None:
         log.warning("model.trust_remote_code is on: code from %s will be executed", " and ".join(models))
 
 
-def _skip(run_dir: RunDir, stage: str) -> dict | None:
-    record = run_dir.done_record(stage)
-    if record is not None:
-        log.info("%s: already done, skipping", stage)
-    return record
-
-
-def _require(run_dir: RunDir, stage: str, hint: str) -> None:
-    if not run_dir.is_done(stage):
-        raise UserError(f"{run_dir.root}: stage '{stage}' has not finished; run `selfreward {hint}` first")
-
-
-def stage_sft(recipe: Recipe, run_dir: RunDir) -> dict:
-    if (done := _skip(run_dir, "sft")) is not None:
-        return done
-    ift, eft, truncated = load_seeds(recipe.data, recipe.seed, recipe.limits)
-    judge_template = load_template(recipe.judge.template, "judge.txt", ("instruction", "response"))
-    result = run_sft(
-        resolve_model(recipe.model.base), ift, eft, judge_template, recipe.sft, run_dir.sft_model,
-        recipe.seed, recipe.model.trust_remote_code,
-    )
-    result["truncated"] = truncated
-    run_dir.mark_done("sft", result)
-    return result
-
-
-def _require_model(recipe: Recipe, run_dir: RunDir, t: int) -> str:
-    if t == 1 and recipe.sft.enabled:
-        _require(run_dir, "sft", "sft")
-    elif t > 1:
-        _require(run_dir, f"iter{t - 1}/dpo", f"dpo --iteration {t - 1}")
-    return run_dir.model_for(t, recipe)
-
-
-def stage_prompts(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> dict:
-    if (done := _skip(run_dir, f"iter{t}/prompts")) is not None:
-        return done
-    model = recipe.prompts.model or _require_model(recipe, run_dir, t)
-    ift, _, truncated = load_seeds(recipe.data, recipe.seed, recipe.limits)
-    seeds = [r["instruction"] for r in ift]
-    result = run_prompts(models.get(model), seeds, recipe.prompts, run_dir.prompts(t), t, recipe.seed)
-    result["seed_instructions_truncated"] = truncated["ift_instructions"]
-    run_dir.mark_done(f"iter{t}/prompts", result)
-    return result
-
-
-def stage_responses(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> dict:
-    if (done := _skip(run_dir, f"iter{t}/responses")) is not None:
-        return done
-    _require(run_dir, f"iter{t}/prompts", f"prompts --iteration {t}")
-    prompts = read_jsonl(run_dir.prompts(t))
-    backend = models.get(_require_model(recipe, run_dir, t))
-    result = run_generate(backend, prompts, recipe.responses, run_dir.responses(t), recipe.seed, f"iter{t} responses")
-    responses = read_jsonl(run_dir.responses(t))
-    result["mean_tokens"] = round(mean(r["tokens"] for r in responses), 1) if responses else 0
-    result["unfinished"] = sum(not r["finished"] for r in responses)
-    run_dir.mark_done(f"iter{t}/responses", result)
-    return result
-
-
-def stage_judgments(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> dict:
-    if (done := _skip(run_dir, f"iter{t}/judgments")) is not None:
-        return done
-    _require(run_dir, f"iter{t}/responses", f"generate --iteration {t}")
-    responses = read_jsonl(run_dir.responses(t))
-    backend = models.get(_require_model(recipe, run_dir, t))
-    result = run_judging(
-        backend, responses, recipe.judge, recipe.limits, run_dir.judgments(t), recipe.seed, f"iter{t} judgments"
-    )
-    run_dir.mark_done(f"iter{t}/judgments", result)
-    return result
-
-
-def stage_judge_eval(recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> dict | None:
-    """How well M_t judges, against held-out human preferences (recipe `evaluation`); skipped if unset."""
-    config = recipe.evaluation
-    if not (config.ranked or config.pairs):
-        return None
-    if (done := _skip(run_dir, f"iter{t}/judge_eval")) is not None:
-        return done
-    backend = models.get(_require_model(recipe, run_dir, t))
-    sampling = Sampling(recipe.judge.temperature, recipe.judge.top_p, recipe.judge.max_new_tokens, seed=recipe.seed)
-    judge = Judge(backend, load_template(recipe.judge.template, "judge.txt", ("instruction", "response")),
-                  config.mode, recipe.judge.samples, sampling)
-    ranked = Path(config.ranked) if config.ranked else None
-    pairs = Path(config.pairs) if config.pairs else None
-    result = evaluate_judge(judge, ranked, pairs, config.limit,
-                            max_chars=(recipe.limits.max_instruction_chars, recipe.limits.max_response_chars))
-    write_json_atomic(run_dir.iteration(t) / "judge_eval.json", result)
-    run_dir.mark_done(f"iter{t}/judge_eval", result)
-    return result
-
-
-def stage_pairs(recipe: Recipe, run_dir: RunDir, t: int) -> dict:
-    if (done := _skip(run_dir, f"iter{t}/pairs")) is not None:
-        return done
-    _require(run_dir, f"iter{t}/judgments", f"judge --iteration {t}")
-    result = run_pairs(read_jsonl(run_dir.responses(t)), read_jsonl(run_dir.judgments(t)), run_dir.pairs(t), recipe.seed)
-    run_dir.mark_done(f"iter{t}/pairs", result)
-    return result
-
-
-def stage_dpo(recipe: Recipe, run_dir: RunDir, t: int) -> dict:
-    if (done := _skip(run_dir, f"iter{t}/dpo")) is not None:
-        return done
-    _require(run_dir, f"iter{t}/pairs", f"pairs --iteration {t}")
-    model = resolve_model(_require_model(recipe, run_dir, t))
-    result = run_dpo(model, run_dir.pairs(t), recipe.dpo, run_dir.model(t), recipe.seed, recipe.model.trust_remote_code)
-    run_dir.mark_done(f"iter{t}/dpo", result)
-    return result
-
-
 def iteration_metrics(run_dir: RunDir, t: int) -> dict[str, Any]:
-    """The iteration's figures, gathered from its stages' completion records (missing stages: None)."""
-    stages = {name: run_dir.done_record(f"iter{t}/{name}") or {} for name in ITERATION_STAGES}
-    return {
-        "iteration": t,
-        "prompts": stages["prompts"].get("prompts"),
-        "responses": stages["responses"].get("responses"),
-        "mean_response_tokens": stages["responses"].get("mean_tokens"),
-        "responses_cut": stages["responses"].get("unfinished"),
-        "judgments": stages["judgments"].get("judge_samples"),
-        "parse_failures": stages["judgments"].get("parse_failures"),
-        "mean_score": stages["judgments"].get("mean_score"),
-        "judged_text_truncated": stages["judgments"].get("truncated"),
-        "pairs": stages["pairs"].get("pairs"),
-        "ties_dropped": stages["pairs"].get("ties_dropped"),
-        "unscored_dropped": stages["pairs"].get("unscored_dropped"),
-        "dpo_loss": [stages["dpo"].get("first_loss"), stages["dpo"].get("last_loss")],
-        "judge_pairwise_accuracy": _judge_accuracy(run_dir.done_record(f"iter{t}/judge_eval")),
-        "seconds": {name: stages[name].get("seconds") for name in ITERATION_STAGES},
-    }
-
-
-def _judge_accuracy(record: dict | None) -> float | None:
-    if not record:
-        return None
-    part = record.get("ranked") or record.get("pairs") or {}
-    return (part.get("judge") or {}).get("pairwise_accuracy")
+    """The iteration's figures, read from its stages' done records as each stage declares (None if not run)."""
+    records = {stage.name: run_dir.done_record(stage.done_key(t)) or {} for stage in ITERATION}
+    metrics: dict[str, Any] = {"iteration": t}
+    for stage in ITERATION:
+        for metric in stage.metrics:
+            metrics[metric.name] = metric.read(records[stage.name]) if records[stage.name] else None
+    metrics["seconds"] = {stage.name: records[stage.name].get("seconds") for stage in ITERATION}
+    return metrics
 
 
 def write_metrics(run_dir: RunDir, t: int) -> None:
     write_json_atomic(run_dir.metrics(t), iteration_metrics(run_dir, t))
-

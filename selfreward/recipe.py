@@ -62,8 +62,11 @@ class TrainSection(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = True
-    # Save a resumable trainer checkpoint every this many optimizer steps (none if unset).
-    save_steps: int | None = Field(None, ge=1)
+    # A resumable trainer checkpoint (model, optimizer, scheduler, RNG) is saved every `save_steps` optimizer
+    # steps and every `save_minutes` minutes, whichever comes first (None turns one off); only the last is
+    # kept, a rerun resumes from it, and it is deleted once the trained model is saved.
+    save_steps: int | None = Field(50, ge=1)
+    save_minutes: float | None = Field(30.0, gt=0)
     lora: LoraSection = LoraSection()
 
 
@@ -126,12 +129,17 @@ class PromptsSection(SamplingSection):
     max_chars: int = Field(600, ge=1)
     # Near-duplicate when the word-bigram Jaccard similarity to a seed or earlier prompt reaches this.
     near_duplicate_threshold: float = Field(0.6, gt=0, le=1)
+    # Candidates sampled per round; each round is a unit of work with its own seed.
+    round_size: int = Field(64, ge=1)
     # Generation rounds to try before giving up on reaching `count`.
     max_rounds: int = Field(20, ge=1)
 
 
 class ResponsesSection(SamplingSection):
     n: int = Field(4, ge=2)
+    # Prompts per unit of work (its own seed; written together; the smallest piece a shard gets). With the
+    # transformers backend a unit is also one batch, so results depend on it: keep it fixed for a run.
+    unit_size: int = Field(16, ge=1)
 
 
 class JudgeSection(SamplingSection):
@@ -139,6 +147,8 @@ class JudgeSection(SamplingSection):
     mode: Literal["sampled", "expected"] = "sampled"
     max_new_tokens: int = Field(192, ge=1)
     template: str | None = None
+    # Responses judged per unit of work (see responses.unit_size).
+    unit_size: int = Field(16, ge=1)
 
 
 class EvaluationSection(Section):
@@ -150,6 +160,17 @@ class EvaluationSection(Section):
     pairs: str | None = None
     limit: int = Field(50, ge=1)
     mode: Literal["sampled", "expected"] = "expected"
+
+
+class LauncherSection(Section):
+    """How SFT and DPO train: in this process, or under `accelerate launch` with several processes."""
+
+    # Processes in all (e.g. GPUs per node x nodes); 1 trains in the calling process.
+    num_processes: int = Field(1, ge=1)
+    num_machines: int = Field(1, ge=1)
+    # An accelerate config file: recipes/accelerate/{ddp,fsdp,zero3}.yaml, or your own.
+    config_file: str | None = None
+    main_process_port: int = Field(29500, ge=1, le=65535)
 
 
 class Recipe(Section):
@@ -165,6 +186,7 @@ class Recipe(Section):
     responses: ResponsesSection = ResponsesSection()
     judge: JudgeSection = JudgeSection()
     dpo: DpoSection = DpoSection()
+    launcher: LauncherSection = LauncherSection()
     evaluation: EvaluationSection = EvaluationSection()
 
     @model_validator(mode="after")
@@ -175,8 +197,10 @@ class Recipe(Section):
 
 
 def parse_recipe(raw: Any, source: str) -> Recipe:
+    # An empty file (or only comments) is more likely a mistake than a wish for every default: refuse it
+    # before it starts a full run. A file holding `{}` still means "all defaults".
     if raw is None:
-        raw = {}
+        raise UserError(f"{source}: the recipe is empty (copy one from recipes/)")
     if not isinstance(raw, dict):
         raise UserError(f"{source}: a recipe must be a mapping of keys, got {type(raw).__name__}")
     try:

@@ -6,18 +6,12 @@ from typing import Any
 
 from rich.table import Table
 
-ROWS = [
-    ("prompts", "prompts"), ("responses", "responses"), ("judgments", "judgments"),
-    ("parse failures", "parse_failures"), ("mean score", "mean_score"), ("pairs", "pairs"),
-    ("ties dropped", "ties_dropped"), ("unscored dropped", "unscored_dropped"),
-    ("mean response tokens", "mean_response_tokens"), ("responses cut at max tokens", "responses_cut"),
-    ("judge pairwise acc. % (held out)", "judge_pairwise_accuracy"),
-]
-STAGES = ["prompts", "responses", "judgments", "pairs", "dpo"]
+from selfreward.stages import ITERATION
 
 
 def summary_table(rows: list[dict[str, Any]], sft: dict | None) -> Table:
-    """Iterations as columns, so the table fits a terminal whatever the number of metrics."""
+    """Iterations as columns, so the table fits a terminal whatever the number of metrics; the rows are
+    the metrics each stage declares, then each stage's seconds."""
     title = "selfreward run"
     if sft:
         title += f" (SFT: {sft.get('examples')} examples, {sft.get('seconds')} s)"
@@ -25,10 +19,11 @@ def summary_table(rows: list[dict[str, Any]], sft: dict | None) -> Table:
     table.add_column("")
     for row in rows:
         table.add_column(f"iter {row['iteration']}", justify="right")
-    for label, key in ROWS:
-        table.add_row(label, *(_cell(row.get(key)) for row in rows))
-    for stage in STAGES:
-        table.add_row(f"{stage} seconds", *(_cell(row["seconds"].get(stage)) for row in rows))
+    for stage in ITERATION:
+        for metric in stage.metrics:
+            table.add_row(metric.label, *(_cell(row.get(metric.name)) for row in rows))
+    for stage in ITERATION:
+        table.add_row(f"{stage.name} seconds", *(_cell(row["seconds"].get(stage.name)) for row in rows))
     return table
 
 
@@ -37,4 +32,8 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.2f}"
+    if isinstance(value, list):
+        return " → ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items())
     return str(value)

@@ -6,16 +6,25 @@
     iter{t}/responses.jsonl     N candidates per prompt                   {id, prompt_id, index, instruction, response, tokens}
     iter{t}/judgments.jsonl     k judgments per candidate                 {id, prompt_id, score, scores, judgments, parse_failures}
     iter{t}/pairs.jsonl         best vs worst per prompt, TRL columns     {id, prompt, chosen, rejected, ...}
+    iter{t}/judge_eval.json     M_t as a judge against held-out human preferences (when the recipe asks)
     iter{t}/model/              M_{t+1}, DPO-trained from M_t (a plain HF checkpoint)
     iter{t}/metrics.json        counts and timings of the iteration
+    iter{t}/<file>.part-i-of-N.jsonl   one shard's part of a sharded stage's file (`selfreward merge` joins them)
     done/{stage}.json           written last, atomically: the stage finished; holds its result
+    locks/{stage}.lock          held (flock) by the one process running that stage; names its host and pid
 
 A stage is finished exactly when its `done/` record exists; outputs are complete before it is written.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +34,7 @@ import yaml
 from selfreward.errors import UserError, writing
 from selfreward.jsonl import write_atomic, write_json_atomic
 from selfreward.recipe import Recipe, first_difference, parse_recipe, recipe_yaml
+from selfreward.units import Shard
 
 
 @dataclass(frozen=True)
@@ -54,12 +64,19 @@ class RunDir:
     def pairs(self, t: int) -> Path:
         return self.iteration(t) / "pairs.jsonl"
 
+    def judge_eval(self, t: int) -> Path:
+        return self.iteration(t) / "judge_eval.json"
+
     def model(self, t: int) -> Path:
         """M_{t+1}: the model trained in iteration t."""
         return self.iteration(t) / "model"
 
     def metrics(self, t: int) -> Path:
         return self.iteration(t) / "metrics.json"
+
+    def part(self, path: Path, shard: Shard) -> Path:
+        """A shard's part of the run file `path`: iter1/responses.jsonl → iter1/responses.part-2-of-3.jsonl."""
+        return path.with_name(f"{path.stem}.{shard.suffix}{path.suffix}")
 
     def _done_path(self, stage: str) -> Path:
         return self.root / "done" / f"{stage}.json"
@@ -73,6 +90,38 @@ class RunDir:
 
     def mark_done(self, stage: str, result: dict[str, Any]) -> None:
         write_json_atomic(self._done_path(stage), result)
+
+    def done_keys(self, prefix: str) -> list[str]:
+        """Keys of the done records whose key starts with `prefix` (the parts of a sharded stage)."""
+        folder = self.root / "done"
+        return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.json")
+                      if str(p.relative_to(folder)).startswith(prefix))
+
+    @contextmanager
+    def hold(self, stage: str) -> Iterator[None]:
+        """Run `stage` as its only writer, or refuse with one line naming the process that holds it.
+
+        An OS lock (flock) dies with its process, so a holder killed by SIGKILL or a lost node never blocks
+        the rerun; on Linux, flock over NFS is a byte-range lock that other nodes see as well.
+        """
+        path = self.root / "locks" / f"{stage}.lock"
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+                raise UserError(
+                    f"{self.root}: '{stage}' is already being run by {holder}; wait for it to finish or stop "
+                    "it, then rerun to resume"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def bind_recipe(self, recipe: Recipe) -> None:
         """Record the recipe on a new run; refuse a different recipe on an existing one.

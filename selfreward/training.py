@@ -1,13 +1,31 @@
-"""What SFT and DPO share: trainer arguments from a recipe section, LoRA, resume, saving M_{t+1}."""
+"""What SFT and DPO share: trainer arguments from a recipe section, LoRA, checkpoints and resume, saving
+M_{t+1} as one plain checkpoint (also from several processes), and running under `accelerate launch`.
+
+Preemption: a resumable trainer checkpoint is saved every `save_steps` steps and every `save_minutes`
+minutes (only the last is kept, in a hidden work folder beside the output); a rerun resumes from it; it is
+deleted once the model is saved.
+
+Several processes: with `launcher.num_processes > 1` the stage starts `accelerate launch` on
+`selfreward.stages.worker`, which trains the same way in every process; only the main process writes the
+model and the result, and the calling process marks the stage done.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from selfreward.errors import UserError
+from selfreward.jsonl import write_json_atomic
 from selfreward.models import load_causal_lm, load_tokenizer, save_checkpoint
+from selfreward.recipe import LauncherSection, TrainSection
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +39,7 @@ def precision_args(precision: str) -> dict[str, Any]:
     return {"bf16": bf16, "use_cpu": not on_gpu}
 
 
-def trainer_args(config, work_dir: Path, seed: int, group_by_length: bool = False) -> dict[str, Any]:
+def trainer_args(config: TrainSection, work_dir: Path, seed: int, group_by_length: bool = False) -> dict[str, Any]:
     """Keyword arguments common to SFTConfig and DPOConfig, from a recipe's training section."""
     return {
         "output_dir": str(work_dir),
@@ -35,8 +53,9 @@ def trainer_args(config, work_dir: Path, seed: int, group_by_length: bool = Fals
         "max_length": config.max_length,
         "gradient_checkpointing": config.gradient_checkpointing,
         "train_sampling_strategy": "group_by_length" if group_by_length else "random",
-        "save_strategy": "steps" if config.save_steps else "no",
-        "save_steps": config.save_steps or 500,
+        "save_strategy": "steps" if config.save_steps or config.save_minutes else "no",
+        "save_steps": config.save_steps or 10**9,  # minutes only: the callback decides
+        "save_total_limit": 1,
         "save_only_model": False,
         "logging_steps": 1,
         "report_to": "none",
@@ -45,6 +64,30 @@ def trainer_args(config, work_dir: Path, seed: int, group_by_length: bool = Fals
         "disable_tqdm": False,
         **precision_args(config.precision),
     }
+
+
+def checkpoint_callbacks(config: TrainSection) -> list:
+    """Trainer callbacks for the part of the checkpoint schedule that TrainingArguments cannot express:
+    a checkpoint once `save_minutes` have passed since the last one (or the start)."""
+    if not config.save_minutes:
+        return []
+    from transformers import TrainerCallback
+
+    class SaveEveryMinutes(TrainerCallback):
+        def __init__(self, minutes: float) -> None:
+            self.seconds = minutes * 60
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() - self.last >= self.seconds:
+                control.should_save = True
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+            return control
+
+    return [SaveEveryMinutes(config.save_minutes)]
 
 
 def lora_config(config):
@@ -74,23 +117,94 @@ def last_checkpoint(work_dir: Path) -> str | None:
     return get_last_checkpoint(str(work_dir))
 
 
-def train_and_save(trainer, tokenizer, work_dir: Path, output: Path) -> dict[str, Any]:
-    """Train (resuming from the last trainer checkpoint if any), save a plain merged checkpoint, clean up."""
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train_and_save(trainer, tokenizer, work_dir: Path, output: Path, model_path: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Train (resuming from the last trainer checkpoint if any), save one plain checkpoint, clean up.
+
+    Every process must call this (saving is collective under FSDP and ZeRO-3); only the main process
+    writes `output`. With several processes the trainer gathers the full weights (`save_model`); LoRA
+    adapters are merged into the base model, so `output` is always a plain HF checkpoint.
+    """
     resume = last_checkpoint(work_dir)
     if resume:
         log.info("resuming training from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):  # LoRA: M_{t+1} is a plain model, adapters merged
-        model = model.merge_and_unload()
-    model.generation_config = trainer.model.generation_config
-    save_checkpoint(model, tokenizer, output)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if trainer.accelerator.num_processes > 1:
+        _save_gathered(trainer, tokenizer, work_dir, output, model_path, trust_remote_code)
+    else:
+        model = trainer.model
+        if hasattr(model, "merge_and_unload"):  # LoRA: M_{t+1} is a plain model, adapters merged
+            model = model.merge_and_unload()
+        model.generation_config = trainer.model.generation_config
+        save_checkpoint(model, tokenizer, output)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        shutil.rmtree(work_dir, ignore_errors=True)
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     return {
         "steps": trainer.state.global_step,
+        "processes": trainer.accelerator.num_processes,
         "train_loss": round(result.training_loss, 4),
         "first_loss": round(history[0]["loss"], 4) if history else None,
         "last_loss": round(history[-1]["loss"], 4) if history else None,
         "log": [{k: v for k, v in entry.items() if isinstance(v, (int, float))} for entry in history],
     }
+
+
+def _save_gathered(trainer, tokenizer, work_dir: Path, output: Path, model_path: str, trust_remote_code: bool) -> None:
+    """The full model from every process's shard (FSDP full state dict, ZeRO-3 gathered weights)."""
+    gathered = work_dir / "gathered"
+    trainer.save_model(str(gathered))  # collective; the main process writes
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return
+    if (gathered / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = load_causal_lm(model_path, "float32", trust_remote_code)
+        model = PeftModel.from_pretrained(base, str(gathered)).merge_and_unload()
+    else:
+        model = load_causal_lm(str(gathered), "float32", trust_remote_code)
+    model.generation_config = trainer.model.generation_config
+    save_checkpoint(model, tokenizer, output)
+
+
+def launch(launcher: LauncherSection, stage: str, run_dir: Path, iteration: int) -> dict[str, Any]:
+    """Run a training stage under `accelerate launch` with the recipe's processes; return its result.
+
+    The worker processes read the run directory's recipe, train, and the main one writes the model and
+    a result file; the caller marks the stage done. A failed launch is a UserError naming the stage.
+    """
+    result_path = run_dir / "launch" / f"{stage}-{iteration}.json"
+    result_path.unlink(missing_ok=True)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", str(launcher.num_processes), "--num_machines", str(launcher.num_machines),
+        "--main_process_port", str(launcher.main_process_port),
+    ]
+    if launcher.config_file:
+        command += ["--config_file", launcher.config_file]
+    else:
+        command += ["--multi_gpu"] if _has_gpu() else ["--cpu"]
+    command += ["-m", "selfreward.stages.worker", stage, str(run_dir), str(iteration), str(result_path)]
+    log.info("%s: %s", stage, " ".join(command))
+    completed = subprocess.run(command, check=False)
+    if completed.returncode != 0 or not result_path.is_file():
+        raise UserError(f"{stage}: training under accelerate launch failed (exit code {completed.returncode}); "
+                        "its log is above; rerun to resume from the last checkpoint")
+    return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """The worker's result, for the process that launched it (main process only)."""
+    if is_main_process():
+        write_json_atomic(path, result)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfreward import pipeline  # noqa: E402
 from selfreward.backends import open_backend  # noqa: E402
 from selfreward.cli import app  # noqa: E402
 from tests.conftest import ScriptedJudge  # noqa: E402
@@ -17,7 +16,5 @@ def scripted_open(path, config, seed=0, trust_remote_code=False):
     return ScriptedJudge(open_backend(path, config, seed, trust_remote_code))
 
 
-pipeline.open_backend = scripted_open
-
 if __name__ == "__main__":
-    app(sys.argv[1:])
+    app(sys.argv[1:], obj={"open_backend": scripted_open})

@@ -80,6 +80,14 @@ def test_recipe_that_is_not_utf8_or_missing(tmp_path):
     _assert_one_line_error(result, lines, "nope.yaml: recipe file not found", tmp_path / "run")
 
 
+@pytest.mark.parametrize("text", ["", "# nothing here yet\n\n"], ids=["empty", "comments-only"])
+def test_empty_recipe_is_one_line_and_starts_no_run(tmp_path, text):
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text(text)
+    result, lines = _run(tmp_path, "iterate", "-r", str(recipe), "-o", str(tmp_path / "run"))
+    _assert_one_line_error(result, lines, f"{recipe}: the recipe is empty (copy one from recipes/)", tmp_path / "run")
+
+
 def test_model_directory_without_config_is_refused(tmp_path):
     (tmp_path / "not_a_model").mkdir()
     recipe = tmp_path / "r.yaml"

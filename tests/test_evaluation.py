@@ -6,6 +6,7 @@ import json
 import pytest
 
 from selfreward.evaluation import evaluate_judge, load_pairs, load_ranked, pair_metrics, ranked_metrics
+from selfreward.judge import JudgeResult
 from tests.conftest import SHARED
 
 
@@ -27,6 +28,87 @@ def test_reversed_judge_and_ties_and_missing_scores():
 
 def test_pair_metrics_count_ties_as_misses():
     assert pair_metrics([5, 3, 2, None], [1, 3, 4, 1]) == {"pairs": 4, "pairwise_accuracy": 25.0}
+
+
+class TableJudge:
+    """A judge that looks its results up: (instruction, response) -> (score, parse failures)."""
+
+    def __init__(self, table: dict[tuple[str, str], tuple[float | None, int]]):
+        self.table = table
+        self.seen: list[tuple[str, str]] = []
+
+    def score_all(self, items, label: str = "judging") -> list[JudgeResult]:
+        self.seen += [(item.instruction, item.response) for item in items]
+        return [JudgeResult(score, parse_failures=failures)
+                for score, failures in (self.table[item.instruction, item.response] for item in items)]
+
+
+# Five instructions; each response is one letter repeated, so its length is the length baseline's score.
+# (instruction, [(response, human rank, judge score, judge parse failures)])
+RANKED = [
+    ("q1", [("a" * 30, 0, 5, 0), ("b" * 10, 1, 4, 0), ("c" * 20, 2, 2, 0)]),  # judge agrees everywhere
+    ("q2", [("x" * 12, 0, 4, 0), ("y" * 6, 1, 3, 1), ("z" * 6, 1, 3, 0)]),  # humans tie y, z; so does the judge
+    ("q3", [("u" * 7, 0, 5, 0), ("v" * 9, 1, 5, 0), ("w" * 3, 2, 1, 0)]),  # the judge ties u, v; humans don't
+    ("q4", [("m" * 4, 0, 3, 0), ("n" * 4, 0, 5, 0), ("o" * 4, 1, 4, 0)]),  # humans tie for best; n gets the 5
+    ("q5", [("r" * 20, 0, None, 3), ("s" * 11, 1, 2, 0)]),  # the judge could not score r
+]
+# Pairs: (chosen, rejected, judge score of chosen, of rejected, parse failures)
+PAIRS = [("C" * 9, "R" * 3, 5, 2, 0), ("D" * 2, "S" * 5, 3, 3, 0), ("E" * 6, "T" * 4, 1, 4, 0),
+         ("F" * 5, "U" * 5, 4, None, 2)]
+
+
+def test_judge_eval_metrics_match_a_hand_computed_example(tmp_path):
+    ranked, pairs = tmp_path / "ranked.jsonl", tmp_path / "pairs.jsonl"
+    ranked.write_text("".join(json.dumps({"id": q, "instruction": q, "responses": [{"text": t, "rank": r} for t, r, _, _ in rs]})
+                              + "\n" for q, rs in RANKED))
+    pairs.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": c, "rejected": r}) + "\n"
+                             for i, (c, r, _, _, _) in enumerate(PAIRS)))
+    table = {(q, t): (score, failures) for q, rs in RANKED for t, _, score, failures in rs}
+    for i, (c, r, score_c, score_r, failures) in enumerate(PAIRS):
+        table[f"p{i}", c], table[f"p{i}", r] = (score_c, 0), (score_r, failures)
+    judge = TableJudge(table)
+
+    report = evaluate_judge(judge, ranked, pairs, None)
+
+    assert sorted(judge.seen) == sorted(table)  # every response judged once, under its own instruction
+    assert report["ranked"]["truncated"] == 0 and report["pairs"]["truncated"] == 0
+    # Judge. Human-ordered pairs (human ties skipped): q1 3 of 3 agree; q2 2 of 2 ((y, z) skipped);
+    # q3 2 of 3 (u = v is a miss); q4 1 of 2 ((m, n) skipped; m 3 < o 4 misses, n 5 > o 4 agrees);
+    # q5 0 of 1 (None misses): 8 of 11 = 72.73 %.
+    # 5-best: q1 (a = 5), q3 (u = 5), q4 (n, tied best, = 5): 3 of 5 = 60 %.
+    # Exact match: q1, q2 (ties y = z as the humans do): 2 of 5 = 40 %.
+    # Spearman (scores vs -rank), q5 undefined (None): q1 1; q2 1 (ranks [3, 1.5, 1.5] both sides);
+    # q3 score ranks [2.5, 2.5, 1] vs [3, 2, 1]: 1.5 / sqrt(1.5 * 2) = sqrt(3)/2 = 0.8660;
+    # q4 [1, 3, 2] vs [2.5, 2.5, 1]: covariance 0, so 0. Mean (2 + 0.8660) / 4 = 0.7165.
+    # Kendall tau-b: q1 1; q2 2 / sqrt(2 * 2) = 1; q3 2 concordant, 1 pair tied in scores only:
+    # 2 / sqrt(2 * 3) = 0.8165; q4 1 concordant (n, o), 1 discordant (m, o): 0. Mean 0.7041.
+    judge_metrics = {k: v for k, v in report["ranked"]["judge"].items() if k != "seconds"}
+    assert judge_metrics == {"prompts": 5, "pairs": 11, "pairwise_accuracy": 72.73, "five_best": 60.0,
+                             "exact_match": 40.0, "spearman": 0.7165, "kendall_tau": 0.7041, "parse_failures": 4}
+    # Length baseline. Pairs: q1 2 of 3 (b 10 < c 20 misses); q2 2 of 2; q3 2 of 3 (u 7 < v 9 misses);
+    # q4 0 of 2 (all length 4: ties miss); q5 1 of 1: 7 of 11 = 63.64 %. Exact: q2 (y, z tie in length
+    # too) and q5: 40 %. 5-best is undefined off the rubric. Spearman: q1 lengths ranks [3, 1, 2] vs
+    # [3, 2, 1] = 0.5; q2 1; q3 [2, 3, 1] vs [3, 2, 1] = 0.5; q4 undefined (constant); q5 1: mean 0.75.
+    # Kendall: q1 (2 - 1) / 3; q2 1; q3 (2 - 1) / 3; q5 1: mean 2/3.
+    assert report["ranked"]["length_baseline"] == {
+        "prompts": 5, "pairs": 11, "pairwise_accuracy": 63.64, "five_best": None, "exact_match": 40.0,
+        "spearman": 0.75, "kendall_tau": 0.6667}
+    # Pairs: the judge agrees on the first only (a tie and a None are misses): 25 %; length agrees on the
+    # first and third (equal lengths miss): 50 %.
+    assert {k: v for k, v in report["pairs"]["judge"].items() if k != "seconds"} == {
+        "pairs": 4, "pairwise_accuracy": 25.0, "parse_failures": 2}
+    assert report["pairs"]["length_baseline"] == {"pairs": 4, "pairwise_accuracy": 50.0}
+
+
+def test_ranked_metrics_do_not_depend_on_the_order_responses_are_listed():
+    # Human ties used to be broken by list position: the same judgments, listed in another order,
+    # changed exact match (q2 here) and 5-best (q4).
+    scores = [[score for _, _, score, _ in rs] for _, rs in RANKED]
+    ranks = [[rank for _, rank, _, _ in rs] for _, rs in RANKED]
+    listed = ranked_metrics(scores, ranks)
+    reversed_ = ranked_metrics([row[::-1] for row in scores], [row[::-1] for row in ranks])
+    assert reversed_ == listed
+    assert (listed["exact_match"], listed["five_best"]) == (40.0, 60.0)
 
 
 def test_hh_rlhf_dialogues_split_at_the_last_assistant_turn(tmp_path):

@@ -15,7 +15,8 @@ from selfreward.limits import cut
 from selfreward.recipe import DataSection, JudgeSection, LimitsSection, parse_recipe
 from selfreward.rundir import RunDir
 from selfreward.seeds import load_ift, load_seeds, subsample
-from selfreward.stages.judging import run_judging
+from selfreward.stages import BY_NAME, sft
+from selfreward.stages.context import Models, StageContext
 from tests.test_pipeline import tiny_recipe
 
 
@@ -59,20 +60,17 @@ def test_seed_loading_cuts_long_instructions_and_responses_and_counts_them(tmp_p
     assert "truncated 1 of 1 EFT responses to 40 characters" in caplog.messages
 
 
-def test_sft_stage_records_the_seed_cuts_in_its_done_record(tmp_path, monkeypatch):
+def test_sft_stage_records_the_seed_cuts_in_its_done_record(tmp_path):
     trained_on = {}
 
     def fake_sft(model, ift, eft, template, config, output, seed, trust_remote_code):
         trained_on.update(ift=ift, eft=eft)
         return {"steps": 0}
 
-    monkeypatch.setattr(pipeline, "run_sft", fake_sft)
-    monkeypatch.setattr(pipeline, "resolve_model", lambda ref: ref)
     recipe = parse_recipe(tiny_recipe("base", limits={"max_response_chars": 100}), "tiny")
     run = RunDir(tmp_path / "run")
-    pipeline.stage_sft(recipe, run)
+    truncated = sft.train(StageContext(recipe, run, 0, "sft", Models(recipe)), fake_sft, resolve=lambda ref: ref)["truncated"]
     originals = subsample(load_ift("data/ift.jsonl"), 8, 0)  # the recipe's max_ift and seed
-    truncated = run.done_record("sft")["truncated"]
     assert truncated["ift_responses"] == sum(len(r["response"]) > 100 for r in originals) > 0
     assert truncated["ift_instructions"] == 0
     assert [r["id"] for r in trained_on["ift"]] == [r["id"] for r in originals]
@@ -104,13 +102,18 @@ def recording(tiny_model):
 
 def test_judging_stage_judges_cut_responses_and_counts_them(tmp_path, recording):
     long = "step " * 30
-    responses = [{"id": f"r{i}", "prompt_id": "p", "instruction": "q", "response": text}
-                 for i, text in enumerate([long, "short answer"])]
-    limits = LimitsSection(max_instruction_chars=50, max_response_chars=24)
-    result = run_judging(recording, responses, JudgeSection(samples=1), limits, tmp_path / "judgments.jsonl")
+    recipe = parse_recipe(tiny_recipe("base", sft={"enabled": False}, judge={"samples": 1},
+                                      limits={"max_instruction_chars": 50, "max_response_chars": 24}), "tiny")
+    run = RunDir(tmp_path / "run")
+    run.iteration(1).mkdir(parents=True)
+    write_jsonl(run.responses(1), [{"id": f"r{i}", "prompt_id": "p", "instruction": "q", "response": text,
+                                    "tokens": 1, "finished": True} for i, text in enumerate([long, "short answer"])])
+    run.mark_done("iter1/prompts", {})
+    run.mark_done("iter1/generate", {})
+    result = pipeline.run_stage(BY_NAME["judge"], recipe, run, 1, Models(recipe, lambda *args: recording))
     assert result["truncated"] == {"instructions": 0, "responses": 1}
     assert "step step step step" in recording.prompts[0] and long.strip() not in recording.prompts[0]
-    assert [r["id"] for r in read_jsonl(tmp_path / "judgments.jsonl")] == ["r0", "r1"]
+    assert [r["id"] for r in read_jsonl(run.judgments(1))] == ["r0", "r1"]
 
 
 def test_judge_file_mode_cuts_long_responses_and_reports_the_count(tmp_path, monkeypatch, recording):

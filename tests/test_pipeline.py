@@ -13,6 +13,8 @@ from selfreward.backends import open_backend as real_open_backend
 from selfreward.jsonl import read_jsonl
 from selfreward.recipe import parse_recipe
 from selfreward.rundir import RunDir
+from selfreward.stages import BY_NAME
+from selfreward.stages.context import Models
 from tests.conftest import ScriptedJudge
 
 
@@ -23,9 +25,10 @@ def tiny_recipe(model: str, **changes) -> dict:
         "backend": {"kind": "transformers", "dtype": "float32", "batch_size": 16},
         "data": {"ift": "data/ift.jsonl", "eft": "data/eft.jsonl", "max_ift": 8, "max_eft": 4},
         "sft": {"epochs": 1, "learning_rate": 1e-3, "batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 256, "precision": "fp32"},
-        "prompts": {"count": 6, "shots": 3, "max_new_tokens": 24, "min_chars": 1, "max_chars": 400, "drop_unfinished": False, "near_duplicate_threshold": 0.95},
-        "responses": {"n": 3, "max_new_tokens": 12},
-        "judge": {"samples": 2, "max_new_tokens": 8},
+        "prompts": {"count": 6, "shots": 3, "max_new_tokens": 24, "min_chars": 1, "max_chars": 400, "drop_unfinished": False,
+                    "near_duplicate_threshold": 0.95, "round_size": 8},
+        "responses": {"n": 3, "max_new_tokens": 12, "unit_size": 2},
+        "judge": {"samples": 2, "max_new_tokens": 8, "unit_size": 4},
         "dpo": {"epochs": 1, "learning_rate": 1e-3, "batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 128, "precision": "fp32",
                 "lora": {"enabled": True, "r": 4, "alpha": 8}},
     }
@@ -34,23 +37,26 @@ def tiny_recipe(model: str, **changes) -> dict:
     return recipe
 
 
-@pytest.fixture()
-def scripted(monkeypatch):
-    """Route every backend through the scripted judge; count model loads."""
-    loads = []
+class Scripted:
+    """A backend opener that wraps every model in the scripted judge and records what it loaded."""
 
-    def fake_open(path, config, seed=0, trust_remote_code=False):
-        loads.append(path)
+    def __init__(self) -> None:
+        self.loads: list[str] = []
+
+    def __call__(self, path, config, seed=0, trust_remote_code=False):
+        self.loads.append(path)
         return ScriptedJudge(real_open_backend(path, config, seed, trust_remote_code))
 
-    monkeypatch.setattr(pipeline, "open_backend", fake_open)
-    return loads
+
+@pytest.fixture()
+def scripted() -> Scripted:
+    return Scripted()
 
 
 def test_full_loop_writes_every_stage_and_resumes_instantly(tiny_model, tmp_path, scripted):
     recipe = parse_recipe(tiny_recipe(tiny_model), "tiny")
     run = RunDir(tmp_path / "run")
-    rows = pipeline.run(recipe, run)
+    rows = pipeline.run(recipe, run, scripted)
     assert [row["iteration"] for row in rows] == [1, 2]
     for t in (1, 2):
         prompts = read_jsonl(run.prompts(t))
@@ -68,10 +74,10 @@ def test_full_loop_writes_every_stage_and_resumes_instantly(tiny_model, tmp_path
         assert rows[t - 1]["judged_text_truncated"] == {"instructions": 0, "responses": 0}
     assert set(run.done_record("sft")["truncated"].values()) == {0}  # the seed data fits the default limits
     # Iteration 2 samples from M2 (iteration 1's DPO output), not from M1.
-    assert scripted.count(str(run.model(1))) == 1
-    loads = len(scripted)
-    assert pipeline.run(recipe, run) == rows  # a finished run: nothing reloaded, nothing redone
-    assert len(scripted) == loads
+    assert scripted.loads.count(str(run.model(1))) == 1
+    loads = len(scripted.loads)
+    assert pipeline.run(recipe, run, scripted) == rows  # a finished run: nothing reloaded, nothing redone
+    assert len(scripted.loads) == loads
     assert yaml.safe_load(run.recipe_path.read_text())["responses"]["n"] == 3
 
 
@@ -79,7 +85,7 @@ class Crash(Exception):
     pass
 
 
-def test_interrupted_judging_resumes_without_duplicates_or_losses(tiny_model, tmp_path, monkeypatch):
+def test_interrupted_judging_resumes_without_duplicates_or_losses(tiny_model, tmp_path):
     recipe = parse_recipe(tiny_recipe(tiny_model, iterations=1, sft={"enabled": False}), "tiny")
     run = RunDir(tmp_path / "run")
     calls = {"judge": 0}
@@ -98,15 +104,14 @@ def test_interrupted_judging_resumes_without_duplicates_or_losses(tiny_model, tm
         backend.generate = generate
         return backend
 
-    monkeypatch.setattr(pipeline, "open_backend", crashing_open)
     with pytest.raises(Crash):
-        pipeline.run(recipe, run)
+        pipeline.run(recipe, run, crashing_open)
     partial = read_jsonl(run.judgments(1))
-    assert 0 < len(partial) < 18 and not run.is_done("iter1/judgments")
+    assert 0 < len(partial) < 18 and not run.is_done("iter1/judge")
     # A torn write on top of the crash: half a record at the end of the file.
     with run.judgments(1).open("a") as handle:
         handle.write('{"id": "iter1-p00005-r2", "sco')
-    pipeline.run(recipe, run)
+    pipeline.run(recipe, run, crashing_open)
     judgments = read_jsonl(run.judgments(1))
     responses = read_jsonl(run.responses(1))
     assert sorted(j["id"] for j in judgments) == sorted(r["id"] for r in responses)
@@ -119,8 +124,8 @@ def test_stage_commands_refuse_to_run_out_of_order(tiny_model, tmp_path):
     recipe = parse_recipe(tiny_recipe(tiny_model), "tiny")
     run = RunDir(tmp_path / "run")
     run.bind_recipe(recipe)
-    with pytest.raises(UserError, match="stage 'iter1/judgments' has not finished"):
-        pipeline.stage_pairs(recipe, run, 1)
+    with pytest.raises(UserError, match=r"stage 'iter1/generate' has not finished; run `selfreward generate --iteration 1` first"):
+        pipeline.run_stage(BY_NAME["pairs"], recipe, run, 1, Models(recipe))
 
 
 def test_each_iteration_measures_the_judge_on_held_out_human_rankings(tiny_model, tmp_path, scripted):
@@ -132,7 +137,7 @@ def test_each_iteration_measures_the_judge_on_held_out_human_rankings(tiny_model
     recipe = parse_recipe(tiny_recipe(tiny_model, iterations=1, sft={"enabled": False},
                                       evaluation={"ranked": str(ranked), "mode": "expected"}), "tiny")
     run = RunDir(tmp_path / "run")
-    (row,) = pipeline.run(recipe, run)
+    (row,) = pipeline.run(recipe, run, scripted)
     report = json.loads((run.iteration(1) / "judge_eval.json").read_text())
     assert report["ranked"]["judge"]["prompts"] == 3 and report["ranked"]["judge"]["pairs"] == 3
     assert report["ranked"]["length_baseline"]["pairwise_accuracy"] == 100  # the longer answer is the better here

@@ -28,6 +28,24 @@ def test_bad_values_name_the_key(raw, message):
         parse_recipe(raw, "r.yaml")
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n", "# a recipe, to be written\n# iterations: 2\n"],
+                         ids=["empty", "whitespace", "comments-only"])
+def test_empty_recipe_is_refused_not_taken_as_all_defaults(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as raised:
+        load_recipe(path)
+    assert str(raised.value) == f"{path}: the recipe is empty (copy one from recipes/)"
+    with pytest.raises(UserError, match=r"^r\.yaml: the recipe is empty \(copy one from recipes/\)$"):
+        parse_recipe(None, "r.yaml")
+
+
+def test_explicit_empty_mapping_still_means_all_defaults(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("{}\n")
+    assert load_recipe(path) == parse_recipe({}, "defaults")
+
+
 def test_demo_recipe_is_valid_and_small():
     recipe = load_recipe("recipes/demo-cpu.yaml")
     assert recipe.iterations == 2 and recipe.responses.n == 4 and recipe.judge.samples == 3

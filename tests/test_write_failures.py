@@ -148,7 +148,7 @@ def scripted_open(path, config, seed=0, trust_remote_code=False):
 def cli(*args: str):
     from selfreward.cli import app
 
-    return CliRunner().invoke(app, list(args))
+    return CliRunner().invoke(app, list(args), obj={"open_backend": scripted_open})
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +157,9 @@ def generated(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("generated")
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_model, iterations=1, sft={"enabled": False})))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "open_backend", scripted_open)
-        for command in ("prompts", "generate"):
-            result = cli(command, "-r", str(recipe), "-o", str(root / "run"), "-t", "1")
-            assert result.exit_code == 0, result.output
+    for command in ("prompts", "generate"):
+        result = cli(command, "-r", str(recipe), "-o", str(root / "run"), "-t", "1")
+        assert result.exit_code == 0, result.output
     return recipe, root / "run"
 
 
@@ -170,7 +168,7 @@ def judge_stage(recipe: Path, run: Path):
 
 
 def finished_record(run: RunDir) -> dict:
-    record = run.done_record("iter1/judgments")
+    record = run.done_record("iter1/judge")
     return {key: value for key, value in record.items() if key not in ("seconds", "judged_now")}
 
 
@@ -179,15 +177,14 @@ def finished_record(run: RunDir) -> dict:
     ("write", 3, errno.ENOSPC, "iter1/judgments.jsonl", "no space left on device"),
     ("fsync", 2, errno.ENOSPC, "iter1/judgments.jsonl", "no space left on device"),
     # every chunk written, then the done/ record
-    ("write", 6, errno.ENOSPC, "done/iter1/judgments.json", "no space left on device"),
-    # the judgments file cannot be created
-    ("open", 1, errno.EACCES, "iter1/judgments.jsonl", "permission denied"),
+    ("write", 6, errno.ENOSPC, "done/iter1/judge.json", "no space left on device"),
+    # the judgments file cannot be created (the first open is the stage's lock file)
+    ("open", 2, errno.EACCES, "iter1/judgments.jsonl", "permission denied"),
 ])
 def test_judging_on_a_full_disk_fails_in_one_line_and_resumes_to_the_same_records(
     generated, tmp_path, monkeypatch, name, call, number, file, reason
 ):
     recipe, source = generated
-    monkeypatch.setattr(pipeline, "open_backend", scripted_open)
     clean, faulty = RunDir(tmp_path / "clean"), RunDir(tmp_path / "faulty")
     shutil.copytree(source, clean.root)
     shutil.copytree(source, faulty.root)
@@ -199,7 +196,7 @@ def test_judging_on_a_full_disk_fails_in_one_line_and_resumes_to_the_same_record
     (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
     assert f"error: {faulty.root / file}: cannot write: {reason}" in line
     assert "Traceback" not in result.output
-    assert not faulty.is_done("iter1/judgments") and leftovers(faulty.root) == []
+    assert not faulty.is_done("iter1/judge") and leftovers(faulty.root) == []
     if faulty.judgments(1).exists():  # whole records only: the failed chunk was taken back
         assert faulty.judgments(1).read_bytes().endswith(b"\n")
         assert len(read_jsonl(faulty.judgments(1))) == {3: 8, 2: 4, 6: 18}[call]
@@ -212,10 +209,9 @@ def test_judging_on_a_full_disk_fails_in_one_line_and_resumes_to_the_same_record
 
 def test_an_unexpected_os_error_keeps_its_traceback(generated, tmp_path, monkeypatch):
     recipe, source = generated
-    monkeypatch.setattr(pipeline, "open_backend", scripted_open)
     shutil.copytree(source, tmp_path / "run")
     Fault(monkeypatch, "fsync", 1, errno.EIO)
     result = judge_stage(recipe, tmp_path / "run")
     assert result.exit_code == 1 and isinstance(result.exception, OSError)
     assert not isinstance(result.exception, UserError)
-    assert json.loads((tmp_path / "run" / "done" / "iter1" / "responses.json").read_text())["responses"] == 18
+    assert json.loads((tmp_path / "run" / "done" / "iter1" / "generate.json").read_text())["responses"] == 18

@@ -51,19 +51,24 @@ class VllmBackend(Backend):
         return [TokensPrompt(prompt_token_ids=self.encode(p)) for p in prompts]
 
     def generate(self, prompts: Sequence[str], n: int, sampling: Sampling) -> list[list[Completion]]:
+        """Each prompt gets its own random stream (seed + its position in the call), so a prompt's samples
+        do not depend on what else is in the batch the engine happens to schedule with it."""
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
-            max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None,
-            include_stop_str_in_output=sampling.keep_stop,
-            stop_token_ids=self.stop_ids,
-            seed=sampling.seed,
-            skip_special_tokens=True,
-        )
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+                max_tokens=sampling.max_new_tokens,
+                stop=list(sampling.stop) or None,
+                include_stop_str_in_output=sampling.keep_stop,
+                stop_token_ids=self.stop_ids,
+                seed=(sampling.seed + i) % 2**31,
+                skip_special_tokens=True,
+            )
+            for i in range(len(prompts))
+        ]
         outputs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
         results = []
         for output in outputs:

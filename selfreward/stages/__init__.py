@@ -1,1 +1,123 @@
-"""One module per stage of the loop, one entry function each; stages talk only through the run directory."""
+"""Every stage of the self-rewarding loop, declared once, in the order the loop runs them.
+
+    M1 = SFT(M0, IFT + EFT seed data)
+    for t = 1 .. T:
+        prompts    = M_t writes new instructions (few-shot self-instruct)
+        candidates = M_t answers each prompt N times                       (generate)
+        judgments  = M_t judges each candidate k times                     (judge)
+        [M_t as a judge, measured on held-out human preferences]           (evaluate, when the recipe asks)
+        pairs      = best vs worst candidate per prompt, ties dropped       (pairs)
+        M_{t+1}    = DPO(M_t, pairs), reference M_t                        (dpo)
+
+A `Stage` says what the CLI, the loop, `merge`, the summary and the metrics need to know: its name (the
+command and the done record), the run files it reads and writes, whether it uses a model for generation
+or trains one, whether its work can be split into shards, and which of its done record's figures are
+reported. Adding a stage is one module with a `stage(ctx)` function plus one entry in `STAGES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from selfreward.recipe import Recipe
+from selfreward.stages import dpo, evaluate, generate, judging, pairs, prompts, sft
+from selfreward.stages.context import StageContext
+from selfreward.units import Shard
+
+MODEL = "model"  # in `reads`: M_t, the model the iteration starts from
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure of an iteration: its key in iter{t}/metrics.json, its row label in the summary table,
+    and how it is read from the stage's done record."""
+
+    name: str
+    label: str
+    read: Callable[[dict[str, Any]], Any]
+
+
+def field(name: str, label: str, key: str | None = None) -> Metric:
+    return Metric(name, label, lambda record: record.get(key or name))
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    run: Callable[[StageContext], dict[str, Any]]
+    # Run files read and written (RunDir method names); MODEL in `reads` is M_t.
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    # "generate": loads a model into a backend; "train": trains one (backends are closed first).
+    model: Literal["generate", "train"] | None = None
+    # Shardable stages write one file; `summarize(ctx, records)` gives its counts (after a merge too).
+    summarize: Callable[[StageContext, list[dict]], dict[str, Any]] | None = None
+    per_iteration: bool = True
+    enabled: Callable[[Recipe], bool] = lambda recipe: True
+    # Inputs the recipe can make unnecessary (the prompt stage needs no M_t with a fixed prompt model).
+    skip_reads: Callable[[Recipe], tuple[str, ...]] = lambda recipe: ()
+    metrics: tuple[Metric, ...] = ()
+
+    @property
+    def shardable(self) -> bool:
+        return self.summarize is not None
+
+    def done_key(self, iteration: int, shard: Shard | None = None) -> str:
+        key = f"iter{iteration}/{self.name}" if self.per_iteration else self.name
+        return f"{key}.{shard.suffix}" if shard else key
+
+    def inputs(self, recipe: Recipe) -> tuple[str, ...]:
+        return tuple(name for name in self.reads if name not in self.skip_reads(recipe))
+
+
+SFT = Stage(
+    "sft", "SFT: train M1 from the base model on IFT + EFT seed data (writes m1/).", sft.stage,
+    writes=(MODEL,), model="train", per_iteration=False, enabled=lambda recipe: recipe.sft.enabled,
+)
+STAGES: tuple[Stage, ...] = (
+    SFT,
+    Stage(
+        "prompts", "Self-instruct: M_t (or prompts.model) writes new prompts (iter{t}/prompts.jsonl).", prompts.stage,
+        reads=(MODEL,), writes=("prompts",), model="generate",
+        skip_reads=lambda recipe: (MODEL,) if recipe.prompts.model else (),
+        metrics=(field("prompts", "prompts"),),
+    ),
+    Stage(
+        "generate", "Sample N candidate responses per prompt with M_t (iter{t}/responses.jsonl).", generate.stage,
+        reads=(MODEL, "prompts"), writes=("responses",), model="generate", summarize=generate.summarize,
+        metrics=(field("responses", "responses"), field("mean_response_tokens", "mean response tokens", "mean_tokens"),
+                 field("responses_cut", "responses cut at max tokens", "unfinished")),
+    ),
+    Stage(
+        "judge", "M_t judges each candidate k times (iter{t}/judgments.jsonl).", judging.stage,
+        reads=(MODEL, "responses"), writes=("judgments",), model="generate", summarize=judging.summarize,
+        metrics=(field("judgments", "judgments", "judge_samples"), field("parse_failures", "parse failures"),
+                 field("mean_score", "mean score"), field("judged_text_truncated", "judged text cut", "truncated")),
+    ),
+    Stage(
+        "evaluate", "M_t as a judge against held-out human preferences (iter{t}/judge_eval.json; recipe 'evaluation').",
+        evaluate.stage, reads=(MODEL,), writes=("judge_eval",), model="generate", enabled=evaluate.enabled,
+        metrics=(Metric("judge_pairwise_accuracy", "judge pairwise acc. % (held out)", evaluate.pairwise_accuracy),),
+    ),
+    Stage(
+        "pairs", "Best vs worst candidate per prompt, ties dropped (iter{t}/pairs.jsonl).", pairs.stage,
+        reads=("responses", "judgments"), writes=("pairs",),
+        metrics=(field("pairs", "pairs"), field("ties_dropped", "ties dropped"),
+                 field("unscored_dropped", "unscored dropped")),
+    ),
+    Stage(
+        "dpo", "DPO-train M_{t+1} from M_t on the pairs, reference M_t (iter{t}/model/).", dpo.stage,
+        reads=(MODEL, "pairs"), writes=(MODEL,), model="train",
+        metrics=(Metric("dpo_loss", "DPO loss first → last", lambda r: [r.get("first_loss"), r.get("last_loss")]),),
+    ),
+)
+BY_NAME = {stage.name: stage for stage in STAGES}
+ITERATION = tuple(stage for stage in STAGES if stage.per_iteration)
+
+
+def producer(name: str) -> Stage:
+    """The iteration stage that writes the run file `name`."""
+    return next(stage for stage in ITERATION if name in stage.writes)

@@ -9,16 +9,28 @@ from typing import Any
 
 from selfreward.errors import UserError
 from selfreward.jsonl import read_jsonl
-from selfreward.training import load_for_training, lora_config, train_and_save, trainer_args
+from selfreward.models import resolve_model
+from selfreward.recipe import DpoSection
+from selfreward.stages.context import StageContext
+from selfreward.training import checkpoint_callbacks, launch, load_for_training, lora_config, train_and_save, trainer_args
 
 log = logging.getLogger(__name__)
 PAIR_FIELDS = {"prompt": list, "chosen": list, "rejected": list}
 
 
 def run_dpo(
-    model_path: str, pairs_path: Path, config, output: Path, seed: int = 0, trust_remote_code: bool = False
+    model_path: str,
+    pairs_path: Path,
+    config: DpoSection,
+    output: Path,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
-    """Train M_{t+1} from `model_path` (= M_t, also the reference) on `pairs_path`; save to `output`."""
+    """Train M_{t+1} from `model_path` (= M_t, also the reference) on `pairs_path`; save to `output`.
+
+    The result names the policy's starting weights and the reference model as the trainer holds them.
+    """
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -30,17 +42,34 @@ def run_dpo(
             "raise prompts.count, responses.n or judge.samples"
         )
     model, tokenizer = load_for_training(model_path, trust_remote_code)
+    peft_config = lora_config(config)
+    # The reference is M_t: with LoRA the adapter-disabled model; without, a frozen copy loaded here (TRL
+    # would reload it from the config's _name_or_path, which need not be M_t's directory).
+    ref_model = None if peft_config else load_for_training(model_path, trust_remote_code)[0]
     columns = [{key: record[key] for key in PAIR_FIELDS} for record in pairs]
     dataset = Dataset.from_list(columns).shuffle(seed=seed)
     work_dir = output.parent / f".{output.name}.work"
     args = DPOConfig(**trainer_args(config, work_dir, seed), beta=config.beta, loss_type=list(config.loss_type))
-    # ref_model=None: with LoRA the reference is the adapter-free model; without, TRL loads M_t again
-    # from model_path, which is exactly the reference the method asks for.
     trainer = DPOTrainer(
-        model=model, ref_model=None, args=args, train_dataset=dataset,
-        processing_class=tokenizer, peft_config=lora_config(config),
+        model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=peft_config, callbacks=checkpoint_callbacks(config) + list(callbacks or []),
     )
-    result = train_and_save(trainer, tokenizer, work_dir, output)
-    result.update(pairs=len(dataset), seconds=round(time.perf_counter() - started, 1))
+    reference = model_path if peft_config else trainer.ref_model.config._name_or_path
+    result = train_and_save(trainer, tokenizer, work_dir, output, model_path, trust_remote_code)
+    result.update(pairs=len(dataset), policy=model_path, reference=reference, seconds=round(time.perf_counter() - started, 1))
     log.info("DPO: %d pairs, loss %s → %s, %.0f s", len(dataset), result["first_loss"], result["last_loss"], result["seconds"])
     return result
+
+
+def train(ctx: StageContext) -> dict[str, Any]:
+    """The DPO stage's work in this process (one of several under `accelerate launch`)."""
+    t, recipe = ctx.iteration, ctx.recipe
+    return run_dpo(resolve_model(ctx.current_model), ctx.run_dir.pairs(t), recipe.dpo, ctx.run_dir.model(t), recipe.seed,
+                   recipe.model.trust_remote_code)
+
+
+def stage(ctx: StageContext) -> dict[str, Any]:
+    """M_{t+1} = DPO(M_t, pairs), reference M_t; in this process or under `accelerate launch`."""
+    if ctx.recipe.launcher.num_processes > 1:
+        return launch(ctx.recipe.launcher, "dpo", ctx.run_dir.root, ctx.iteration)
+    return train(ctx)

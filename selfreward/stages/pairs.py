@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from selfreward.jsonl import write_jsonl_atomic
+from selfreward.jsonl import read_jsonl, write_jsonl_atomic
+from selfreward.stages.context import StageContext
 
 
 def choose_pair(candidates: list[dict], rng: random.Random) -> tuple[dict, dict] | None:
@@ -58,3 +59,10 @@ def run_pairs(responses: list[dict], judgments: list[dict], output: Path, seed: 
         "prompts": len(by_prompt), "pairs": len(pairs), "ties_dropped": ties, "unscored_dropped": unscored,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def stage(ctx: StageContext) -> dict[str, Any]:
+    """pairs = best vs worst candidate per prompt; ties dropped."""
+    t = ctx.iteration
+    return run_pairs(read_jsonl(ctx.run_dir.responses(t)), read_jsonl(ctx.run_dir.judgments(t)), ctx.run_dir.pairs(t),
+                     ctx.recipe.seed)

@@ -11,13 +11,17 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from selfreward.backends import Backend, Sampling
-from selfreward.jsonl import append_jsonl, resume_records
+from selfreward.jsonl import append_jsonl, resume_records, write_jsonl_atomic
 from selfreward.progress import progress_bar
+from selfreward.recipe import PromptsSection
+from selfreward.seeds import load_seeds
+from selfreward.stages.context import StageContext
 from selfreward.templates import fill, load_template
 
 log = logging.getLogger(__name__)
@@ -69,28 +73,39 @@ def few_shot_prompt(template: str, examples: list[str]) -> str:
 
 
 def run_prompts(
-    backend: Backend, seeds: list[str], config, output: Path, iteration: int, seed: int = 0
+    backend: Backend,
+    seeds: list[str],
+    config: PromptsSection,
+    output: Path,
+    iteration: int,
+    seed_of: Callable[[int], int],
 ) -> dict[str, Any]:
-    """Write `config.count` new instructions to `output` as {id, instruction} records (resumable)."""
+    """Write `config.count` new instructions to `output` as {id, instruction, round} records (resumable).
+
+    Each round samples `config.round_size` candidates with the seed `seed_of(round)` and is logged, once its
+    prompts are on disk, in `<output>.rounds.jsonl`. A rerun drops prompts of a round that was not logged
+    and goes on from the next round, so a killed run ends with the same prompts as an uninterrupted one.
+    """
     started = time.perf_counter()
     template = load_template(config.template, "self_instruct.txt", ("examples", "next"))
+    rounds_log = output.with_name(f"{output.stem}.rounds.jsonl")
+    rounds = resume_records(rounds_log)
     accepted = resume_records(output)
+    if any(r["round"] >= len(rounds) for r in accepted):  # a round cut short: redo it whole
+        accepted = [r for r in accepted if r["round"] < len(rounds)]
+        write_jsonl_atomic(output, accepted)
     index = DuplicateIndex(config.near_duplicate_threshold)
     for text in seeds + [r["instruction"] for r in accepted]:
         index.add(text)
-    counts = {"generated": 0, "duplicates": 0, "bad_length": 0}
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens, stop=("\nTask",))
-    rounds = 0
     with progress_bar(f"iter{iteration} prompts", config.count, len(accepted)) as advance:
-        while len(accepted) < config.count and rounds < config.max_rounds:
-            # Oversample: most candidates of a small model are copies of a shot or malformed, and a
-            # full batch costs little more than a small one.
-            ask = max(backend.chunk_prompts, 2 * (config.count - len(accepted)))
-            rng = random.Random(f"{seed}:{iteration}:{len(accepted)}:{rounds}")
-            shots = [rng.sample(seeds, min(config.shots, len(seeds))) for _ in range(ask)]
+        while len(accepted) < config.count and len(rounds) < config.max_rounds:
+            number = len(rounds)
+            rng = random.Random(seed_of(number))
+            shots = [rng.sample(seeds, min(config.shots, len(seeds))) for _ in range(config.round_size)]
             prompts = [backend.text_prompt(few_shot_prompt(template, s)) for s in shots]
             outputs = backend.generate(prompts, 1, replace(sampling, seed=rng.randrange(2**31)))
-            fresh = []
+            fresh, counts = [], {"round": number, "generated": 0, "duplicates": 0, "bad_length": 0}
             for (completion,) in outputs:
                 counts["generated"] += 1
                 instruction = extract_instruction(completion.text)
@@ -102,12 +117,23 @@ def run_prompts(
                     counts["duplicates"] += 1
                 elif len(accepted) + len(fresh) < config.count:
                     index.add(instruction)
-                    fresh.append({"id": f"iter{iteration}-p{len(accepted) + len(fresh):05d}", "instruction": instruction})
+                    fresh.append({"id": f"iter{iteration}-p{len(accepted) + len(fresh):05d}", "instruction": instruction,
+                                  "round": number})
             append_jsonl(output, fresh)
+            append_jsonl(rounds_log, [{**counts, "accepted": len(fresh)}])
+            rounds.append(counts)
             accepted += fresh
             advance(len(fresh))
-            rounds += 1
     if len(accepted) < config.count:
-        log.warning("iter%d: only %d of %d prompts after %d rounds", iteration, len(accepted), config.count, rounds)
-    seconds = round(time.perf_counter() - started, 1)
-    return {"prompts": len(accepted), **counts, "rounds": rounds, "seconds": seconds}
+        log.warning("iter%d: only %d of %d prompts after %d rounds", iteration, len(accepted), config.count, len(rounds))
+    totals = {key: sum(r[key] for r in rounds) for key in ("generated", "duplicates", "bad_length")}
+    return {"prompts": len(accepted), **totals, "rounds": len(rounds), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def stage(ctx: StageContext) -> dict[str, Any]:
+    """prompts = M_t (or the recipe's fixed prompt model) writes new instructions from seed examples."""
+    recipe, t = ctx.recipe, ctx.iteration
+    ift, _, truncated = load_seeds(recipe.data, recipe.seed, recipe.limits)
+    result = run_prompts(ctx.backend(recipe.prompts.model), [r["instruction"] for r in ift], recipe.prompts,
+                         ctx.run_dir.prompts(t), t, ctx.seed_of)
+    return {**result, "seed_instructions_truncated": truncated["ift_instructions"]}

@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from selfreward.judge import JudgeItem, render_judge_prompt
-from selfreward.training import load_for_training, lora_config, train_and_save, trainer_args
+from selfreward.models import resolve_model
+from selfreward.recipe import SftSection
+from selfreward.seeds import load_seeds
+from selfreward.stages.context import StageContext
+from selfreward.templates import load_template
+from selfreward.training import checkpoint_callbacks, launch, load_for_training, lora_config, train_and_save, trainer_args
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +42,17 @@ def run_sft(
     ift: list[dict],
     eft: list[dict],
     judge_template: str,
-    config,
+    config: SftSection,
     output: Path,
     seed: int = 0,
     trust_remote_code: bool = False,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune `model_path` on IFT + EFT seed data; save M1 to `output` (a plain HF checkpoint)."""
+    """Fine-tune `model_path` on IFT + EFT seed data; save M1 to `output` (a plain HF checkpoint).
+
+    Resumes from the last trainer checkpoint in the work folder beside `output`. `callbacks` are extra
+    trainer callbacks (tests use one to stop training at a given step).
+    """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -52,9 +62,28 @@ def run_sft(
     work_dir = output.parent / f".{output.name}.work"
     args = SFTConfig(**trainer_args(config, work_dir, seed, config.group_by_length), completion_only_loss=True, packing=False)
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(config)
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(config),
+        callbacks=checkpoint_callbacks(config) + list(callbacks or []),
     )
-    result = train_and_save(trainer, tokenizer, work_dir, output)
+    result = train_and_save(trainer, tokenizer, work_dir, output, model_path, trust_remote_code)
     result.update(examples=len(dataset), ift=len(ift), eft=len(eft), seconds=round(time.perf_counter() - started, 1))
     log.info("SFT: %d examples, loss %s → %s, %.0f s", len(dataset), result["first_loss"], result["last_loss"], result["seconds"])
     return result
+
+
+def train(ctx: StageContext, trainer=None, resolve=resolve_model) -> dict[str, Any]:
+    """The SFT stage's work in this process (one of several under `accelerate launch`): the seed data cut
+    to the recipe's limits (counted in the result) goes to `trainer` (default `run_sft`)."""
+    recipe = ctx.recipe
+    ift, eft, truncated = load_seeds(recipe.data, recipe.seed, recipe.limits)
+    judge_template = load_template(recipe.judge.template, "judge.txt", ("instruction", "response"))
+    result = (trainer or run_sft)(resolve(recipe.model.base), ift, eft, judge_template, recipe.sft, ctx.run_dir.sft_model,
+                                  recipe.seed, recipe.model.trust_remote_code)
+    return {**result, "truncated": truncated}
+
+
+def stage(ctx: StageContext) -> dict[str, Any]:
+    """M1 = SFT(M0, IFT + EFT), in this process or under `accelerate launch`."""
+    if ctx.recipe.launcher.num_processes > 1:
+        return launch(ctx.recipe.launcher, "sft", ctx.run_dir.root, ctx.iteration)
+    return train(ctx)

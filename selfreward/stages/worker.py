@@ -1,0 +1,32 @@
+"""One process of a training stage under `accelerate launch` (started by `selfreward.training.launch`).
+
+    python -m selfreward.stages.worker sft|dpo RUN_DIR ITERATION RESULT_JSON
+
+Every process reads the run directory's recipe and trains; only the main process writes the model and
+the result file, which the launching process turns into the stage's done record.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from selfreward.recipe import load_recipe
+from selfreward.rundir import RunDir
+from selfreward.stages import BY_NAME, dpo, sft
+from selfreward.stages.context import Models, StageContext
+from selfreward.training import write_result
+
+TRAIN = {"sft": sft.train, "dpo": dpo.train}
+
+
+def main(argv: list[str]) -> None:
+    stage, root, iteration, result_path = argv
+    run_dir = RunDir(Path(root))
+    recipe = load_recipe(run_dir.recipe_path)
+    ctx = StageContext(recipe, run_dir, int(iteration), BY_NAME[stage].name, Models(recipe))
+    write_result(Path(result_path), TRAIN[stage](ctx))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
