@@ -79,7 +79,12 @@ def checkpoint_callbacks(config: TrainSection) -> list:
             self.last = time.monotonic()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if time.monotonic() - self.last >= self.seconds:
+            due = [time.monotonic() - self.last >= self.seconds]
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():  # every process must agree to save
+                dist.broadcast_object_list(due, src=0)
+            if due[0]:
                 control.should_save = True
             return control
 
@@ -188,7 +193,9 @@ def launch(launcher: LauncherSection, stage: str, run_dir: Path, iteration: int)
     if launcher.config_file:
         command += ["--config_file", launcher.config_file]
     else:
-        command += ["--multi_gpu"] if _has_gpu() else ["--cpu"]
+        # Plain DDP. On a CPU too: accelerate's --cpu starts several processes only through mpirun, while
+        # --multi_gpu with the trainer's use_cpu=True gives N processes on the gloo backend.
+        command += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += ["-m", "selfreward.stages.worker", stage, str(run_dir), str(iteration), str(result_path)]
     log.info("%s: %s", stage, " ".join(command))
     completed = subprocess.run(command, check=False)
@@ -203,8 +210,3 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     if is_main_process():
         write_json_atomic(path, result)
 
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -1,0 +1,79 @@
+"""Training survives preemption: killed mid-epoch, rerun, it ends with the weights and step count of an
+uninterrupted run; the checkpoint schedule is on by default and cleaned up once the model is saved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfreward.recipe import DpoSection, SftSection
+from selfreward.stages.dpo import run_dpo
+from selfreward.stages.sft import run_sft
+from selfreward.templates import load_template
+from selfreward.seeds import load_eft, load_ift
+
+
+class Preempted(Exception):
+    pass
+
+
+def preempt_after_checkpoint(step: int):
+    """A trainer callback that dies right after the checkpoint of `step` is on disk (as a kill would)."""
+    from transformers import TrainerCallback
+
+    class Preempt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Preempted()
+
+    return Preempt()
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+TRAIN = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 2, "gradient_accumulation_steps": 1, "precision": "fp32",
+         "save_steps": 1, "save_minutes": None}
+
+
+def sft(tiny_model, output, callbacks=()):
+    config = SftSection(**TRAIN, max_length=256, group_by_length=False)
+    ift, eft = load_ift("data/ift.jsonl")[:8], load_eft("data/eft.jsonl")[:4]
+    return run_sft(tiny_model, ift, eft, load_template(None, "judge.txt", ()), config, output, 0, callbacks=list(callbacks))
+
+
+def dpo(tiny_model, output, callbacks=()):
+    pairs = output.parent / "pairs.jsonl"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    pairs.write_text("".join(json.dumps({
+        "prompt": [{"role": "user", "content": f"Question {i}?"}],
+        "chosen": [{"role": "assistant", "content": f"A careful answer to question {i}."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    }) + "\n" for i in range(8)))
+    config = DpoSection(**TRAIN, max_length=128, lora={"enabled": True, "r": 4, "alpha": 8})
+    return run_dpo(tiny_model, pairs, config, output, 0, callbacks=list(callbacks))
+
+
+@pytest.mark.parametrize(("train", "steps"), [(sft, 4), (dpo, 4)])  # 8 IFT examples (EFT ones exceed max_length), 8 pairs; batches of 2
+def test_training_killed_mid_epoch_resumes_to_the_weights_and_steps_of_an_uninterrupted_run(tiny_model, tmp_path, train, steps):
+    whole = train(tiny_model, tmp_path / "whole" / "model")
+    assert whole["steps"] == steps
+    work = tmp_path / "killed" / ".model.work"
+    with pytest.raises(Preempted):
+        train(tiny_model, tmp_path / "killed" / "model", [preempt_after_checkpoint(3)])
+    assert [p.name for p in work.iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-3"]  # the last one only
+    resumed = train(tiny_model, tmp_path / "killed" / "model")
+    assert resumed["steps"] == whole["steps"]
+    assert not work.exists()  # the trainer checkpoint is gone once the model is saved
+    expected, actual = weights(tmp_path / "whole" / "model"), weights(tmp_path / "killed" / "model")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
+    base = weights(Path(tiny_model))
+    assert any(not torch.equal(actual[name], base[name]) for name in base)  # training moved the weights
+    assert not any("lora" in name for name in actual)  # adapters merged: a plain checkpoint
