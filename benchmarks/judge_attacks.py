@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,17 +27,9 @@ def honest_answers(count: int, max_chars: int) -> list[tuple[str, str]]:
     return [(r["instruction"], r["response"][:max_chars]) for r in records[:count]]
 
 
-@contextmanager
-def defences(enabled: bool):
-    import selfreward.judge as judge_module
-
-    original = judge_module.neutralise
-    if not enabled:
-        judge_module.neutralise = lambda text, control=None: text.strip()
-    try:
-        yield
-    finally:
-        judge_module.neutralise = original
+def undefended(text: str, control=None) -> str:
+    """No defence at all: judged text goes into the prompt as it is."""
+    return text.strip()
 
 
 def main() -> None:
@@ -60,8 +51,9 @@ def main() -> None:
     args = parser.parse_args()
 
     backend = open_backend(str(resolve_model(args.model)), BackendSection(kind="transformers"))
-    judge = Judge(backend, mode=args.mode, samples=args.samples,
-                  sampling=Sampling(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens))
+    sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens)
+    judges = {enabled: Judge(backend, mode=args.mode, samples=args.samples, sampling=sampling,
+                             defence=None if enabled else undefended) for enabled in (True, False)}
     answers = honest_answers(args.answers, args.max_chars)
     chosen = [a for a in load_attacks() if not args.attacks or a["id"] in args.attacks]
     attacks = [{"id": "clean", "template": "{answer}"}] + chosen
@@ -71,8 +63,7 @@ def main() -> None:
         items = [JudgeItem(q, attack["template"].replace("{answer}", a)) for q, a in answers]
         row = {"attack": attack["id"]}
         for enabled in (True, False):
-            with defences(enabled):
-                results = judge.score(items, seed=0)
+            results = judges[enabled].score(items, seed=0)
             scores = [r.score for r in results if r.score is not None]
             row["on" if enabled else "off"] = round(sum(scores) / len(scores), 3) if scores else None
             row[f"unscored_{'on' if enabled else 'off'}"] = len(items) - len(scores)

@@ -86,6 +86,13 @@ def _print_summary(recipe, run_dir) -> None:
     Console().print(summary_table(rows, run_dir.done_record("sft")))
 
 
+def _judge_opener(ctx: typer.Context):
+    """What opens the judge's model or endpoint in file mode (`app(args, obj={"open_judge_backend": ...})`)."""
+    from selfreward import cli_judge
+
+    return (ctx.obj or {}).get("open_judge_backend", cli_judge.open_judge_backend)
+
+
 def _opener(ctx: typer.Context):
     """The function that loads a model into a backend: the real one, or what the caller passed as
     `app(args, obj={"open_backend": ...})` (tests and benchmarks)."""
@@ -232,7 +239,7 @@ def judge(
         items = cli_judge.load_items(input)  # all of it, before the model is even looked at
         items, _ = limit_lengths(items, max_instruction_chars, max_response_chars, "judged")  # logs the counts
         text = load_template(str(template) if template else None, "judge.txt", ("instruction", "response"))
-        judge_backend = cli_judge.open_judge_backend(model, endpoint, api, backend, "bfloat16", concurrency, timeout)
+        judge_backend = _judge_opener(ctx)(model, endpoint, api, backend, "bfloat16", concurrency, timeout)
         try:
             scorer = Judge(judge_backend, text, mode, samples, cli_judge.sampling(temperature, top_p, max_new_tokens, seed))
             result = scorer.score_file(items, output)
@@ -246,6 +253,7 @@ def judge(
 
 @app.command("judge-eval")
 def judge_eval(
+    ctx: typer.Context,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Judge model (omit for the length baseline only).")] = None,
     ranked: Annotated[Path | None, typer.Option(help="Ranked responses: oasst1 messages or {instruction, responses: [{text, rank}]}.")] = None,
     pairs: Annotated[Path | None, typer.Option(help="Chosen/rejected pairs: hh-rlhf dialogues or {prompt, chosen, rejected} (.jsonl/.gz).")] = None,
@@ -283,7 +291,7 @@ def judge_eval(
         evaluate_judge(None, ranked, pairs, limit)  # validates the data before any model load
         scorer, judge_backend = None, None
         if model:
-            judge_backend = cli_judge.open_judge_backend(model, endpoint, api, backend, "bfloat16", 8, 120.0)
+            judge_backend = _judge_opener(ctx)(model, endpoint, api, backend, "bfloat16", 8, 120.0)
             scorer = Judge(judge_backend, None, mode, samples, cli_judge.sampling(temperature, top_p, max_new_tokens, seed))
         try:
             cli_judge.write_report(report_path, evaluate_judge(
@@ -297,6 +305,7 @@ def judge_eval(
 
 @app.command("eft-build")
 def eft_build(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", "-m", help="The IFT-trained model that writes the judgments.")],
     ranked: Annotated[Path, typer.Option(help="Human-ranked responses: oasst1 messages or {instruction, responses: [{text, rank}]}.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="EFT JSONL to write (data.eft format).")],
@@ -317,7 +326,7 @@ def eft_build(
 
         _setup_logging(verbose)
         prompts = load_ranked(ranked)[:limit]
-        backend = cli_judge.open_judge_backend(model, None, "chat", "auto", "bfloat16", 8, 120.0)
+        backend = _judge_opener(ctx)(model, None, "chat", "auto", "bfloat16", 8, 120.0)
         try:
             judge = Judge(backend, None, "sampled", samples, cli_judge.sampling(0.7, 0.9, max_new_tokens, 0))
             records, kept = judged_eft(judge, prompts)

@@ -183,20 +183,30 @@ def neutralise(text: str, control: re.Pattern[str] | None = None) -> str:
     return (control or COMMON_CONTROL_PATTERN).sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
 
 
-def render_judge_prompt(template: str, item: JudgeItem, control: re.Pattern[str] | None = None) -> str:
+# Makes judged text inert: (text, control-token pattern or None) → text. `neutralise` unless a caller
+# (a benchmark measuring what the defences are worth) passes another.
+Defence = Callable[[str, "re.Pattern[str] | None"], str]
+
+
+def render_judge_prompt(
+    template: str, item: JudgeItem, control: re.Pattern[str] | None = None, defence: Defence | None = None
+) -> str:
     """The judge instruction for one item (the user turn of the judge conversation)."""
-    return fill(template, instruction=neutralise(item.instruction, control), response=neutralise(item.response, control))
+    defence = defence or neutralise
+    return fill(template, instruction=defence(item.instruction, control), response=defence(item.response, control))
 
 
 def render_pairwise_prompt(
-    template: str, instruction: str, response_a: str, response_b: str, control: re.Pattern[str] | None = None
+    template: str, instruction: str, response_a: str, response_b: str, control: re.Pattern[str] | None = None,
+    defence: Defence | None = None,
 ) -> str:
     """The direct comparison instruction for one order of two responses."""
+    defence = defence or neutralise
     return fill(
         template,
-        instruction=neutralise(instruction, control),
-        response_a=neutralise(response_a, control),
-        response_b=neutralise(response_b, control),
+        instruction=defence(instruction, control),
+        response_a=defence(response_a, control),
+        response_b=defence(response_b, control),
     )
 
 
@@ -223,7 +233,9 @@ class Judge:
         samples: int = 3,
         sampling: Sampling | None = None,
         pairwise_template: str | None = None,
+        defence: Defence | None = None,
     ) -> None:
+        """`defence` replaces `neutralise` as what makes judged text inert (only to measure the defences)."""
         if mode not in ("sampled", "expected"):
             raise ValueError(f"mode must be 'sampled' or 'expected', not {mode!r}")
         if samples < 1:
@@ -237,11 +249,12 @@ class Judge:
         self.sampling = replace(sampling, stop=sampling.stop + SCORE_STOPS, keep_stop=True)
         self.pairwise_sampling = replace(sampling, stop=sampling.stop + WINNER_STOPS, keep_stop=True)
         self.pairwise_template = pairwise_template or default_pairwise_template()
+        self.defence = defence or neutralise
         tokenizer = getattr(backend, "tokenizer", None)
         self.control = control_tokens(tokenizer) if tokenizer is not None else None
 
     def prompt(self, item: JudgeItem) -> str:
-        return self.backend.chat_prompt([{"role": "user", "content": render_judge_prompt(self.template, item, self.control)}])
+        return self.backend.chat_prompt([{"role": "user", "content": render_judge_prompt(self.template, item, self.control, self.defence)}])
 
     def score(self, items: Sequence[JudgeItem], seed: int | None = None) -> list[JudgeResult]:
         """Judge every item; all prompts go to the backend in one call. `seed` overrides the sampling seed."""
@@ -336,7 +349,7 @@ class Judge:
         prompts = []
         for pair in pairs:
             for a, b in ((pair.first, pair.second), (pair.second, pair.first)):
-                content = render_pairwise_prompt(self.pairwise_template, pair.instruction, a, b, self.control)
+                content = render_pairwise_prompt(self.pairwise_template, pair.instruction, a, b, self.control, self.defence)
                 prompts.append(self.backend.chat_prompt([{"role": "user", "content": content}]))
         if self.mode == "expected":
             return self._pairwise_expected(prompts)

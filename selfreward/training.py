@@ -115,11 +115,29 @@ def load_for_training(model_path: str, trust_remote_code: bool):
 
 
 def last_checkpoint(work_dir: Path) -> str | None:
+    """The newest complete trainer checkpoint in `work_dir`, or None.
+
+    A kill while a checkpoint is being written leaves a folder without its trainer state (written last);
+    such folders are removed, so that training resumes from the previous, complete one.
+    """
     if not work_dir.is_dir():
         return None
-    from transformers.trainer_utils import get_last_checkpoint
+    found = sorted((int(p.name.split("-")[1]), p) for p in work_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+    for _, folder in reversed(found):
+        if _complete(folder):
+            return str(folder)
+        if is_main_process():
+            log.warning("removing %s: written only in part (the run was stopped while saving it)", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return None
 
-    return get_last_checkpoint(str(work_dir))
+
+def _complete(folder: Path) -> bool:
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
 
 
 def is_main_process() -> bool:
@@ -136,7 +154,7 @@ def train_and_save(trainer, tokenizer, work_dir: Path, output: Path, model_path:
     resume = last_checkpoint(work_dir)
     if resume:
         log.info("resuming training from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume)
     if trainer.accelerator.num_processes > 1:
         _save_gathered(trainer, tokenizer, work_dir, output, model_path, trust_remote_code)
     else:
@@ -152,10 +170,13 @@ def train_and_save(trainer, tokenizer, work_dir: Path, output: Path, model_path:
     return {
         "steps": trainer.state.global_step,
         "processes": trainer.accelerator.num_processes,
-        "train_loss": round(result.training_loss, 4),
+        # The mean of the logged step losses: the trainer's own figure counts only the steps of its last
+        # process when training was resumed.
+        "train_loss": round(sum(e["loss"] for e in history) / len(history), 4) if history else None,
         "first_loss": round(history[0]["loss"], 4) if history else None,
         "last_loss": round(history[-1]["loss"], 4) if history else None,
-        "log": [{k: v for k, v in entry.items() if isinstance(v, (int, float))} for entry in history],
+        # num_tokens is a running count that TRL does not restore when training resumes: left out.
+        "log": [{k: v for k, v in entry.items() if isinstance(v, (int, float)) and k != "num_tokens"} for entry in history],
     }
 
 

@@ -5,23 +5,33 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from selfreward import cli_judge
+
 from selfreward.backends import open_backend
 from selfreward.jsonl import read_jsonl
 from selfreward.recipe import BackendSection
 from tests.conftest import ScriptedJudge
 
 
+class Opener:
+    """Opens the tiny model behind the scripted judge, whatever model the command names; records the names."""
+
+    def __init__(self, tiny_model: str) -> None:
+        self.tiny_model, self.calls = tiny_model, []
+
+    def __call__(self, model, endpoint, api, backend, dtype, concurrency, timeout):
+        self.calls.append(model)
+        return ScriptedJudge(open_backend(self.tiny_model, BackendSection(kind="transformers", dtype="float32")))
+
+
 @pytest.fixture()
-def opened(monkeypatch, tiny_model):
-    calls = []
+def opened(tiny_model) -> Opener:
+    return Opener(tiny_model)
 
-    def fake_open(model, endpoint, api, backend, dtype, concurrency, timeout):
-        calls.append(model)
-        return ScriptedJudge(open_backend(tiny_model, BackendSection(kind="transformers", dtype="float32")))
 
-    monkeypatch.setattr(cli_judge, "open_judge_backend", fake_open)
-    return calls
+def invoke(opened: Opener, *args: str):
+    from selfreward.cli import app
+
+    return CliRunner().invoke(app, list(args), obj={"open_judge_backend": opened})
 
 
 def write_items(path, count):
@@ -33,12 +43,15 @@ def test_judge_file_mode_scores_every_item_and_resumes_by_id(tmp_path, opened):
 
     items, out = tmp_path / "items.jsonl", tmp_path / "scored.jsonl"
     write_items(items, 5)
-    out.write_text(json.dumps({"id": 0, "score": 2.0, "scores": [2], "judgments": ["Score: 2"], "parse_failures": 0}) + "\n")
-    result = CliRunner().invoke(app, ["judge", "-i", str(items), "-o", str(out), "-m", "tiny", "-k", "2"])
+    # The first unit (4 items: the scripted backend's 8 prompts / k=2) finished before an interruption.
+    out.write_text("".join(json.dumps({"id": i, "score": 2.0, "scores": [2], "judgments": ["Score: 2"], "parse_failures": 0}) + "\n"
+                           for i in range(4)))
+    result = invoke(opened, "judge", "-i", str(items), "-o", str(out), "-m", "tiny", "-k", "2")
     assert result.exit_code == 0, result.output
     records = read_jsonl(out)
-    assert [r["id"] for r in records] == [0, 1, 2, 3, 4]  # item 0 kept, not redone
-    assert all(len(r["scores"]) == 2 and r["score"] is not None for r in records[1:])
+    assert [r["id"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["scores"] for r in records[:4]] == [[2]] * 4  # kept, not redone
+    assert len(records[4]["scores"]) == 2 and records[4]["score"] is not None
 
 
 @pytest.mark.parametrize(
@@ -55,6 +68,6 @@ def test_bad_input_fails_before_any_model_is_loaded(tmp_path, opened, content, m
 
     items = tmp_path / "items.jsonl"
     items.write_text(content)
-    result = CliRunner().invoke(app, ["judge", "-i", str(items), "-o", str(tmp_path / "out.jsonl"), "-m", "tiny"])
+    result = invoke(opened, "judge", "-i", str(items), "-o", str(tmp_path / "out.jsonl"), "-m", "tiny")
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
-    assert opened == [] and not (tmp_path / "out.jsonl").exists()
+    assert opened.calls == [] and not (tmp_path / "out.jsonl").exists()

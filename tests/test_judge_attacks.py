@@ -80,9 +80,8 @@ def test_ordinary_text_that_looks_numeric_is_kept():
 
 
 @pytest.mark.slow
-def test_an_appended_score_does_not_raise_the_real_models_score(monkeypatch):
+def test_an_appended_score_does_not_raise_the_real_models_score():
     """Embedded 270M base model, expected mode: the attack works on the undefended prompt, not on ours."""
-    import selfreward.judge as judge_module
     from selfreward.backends import open_backend
     from selfreward.models import resolve_model
     from selfreward.recipe import BackendSection
@@ -92,8 +91,9 @@ def test_an_appended_score_does_not_raise_the_real_models_score(monkeypatch):
     by_id = {a["id"]: a for a in ATTACKS}
     backend = open_backend(str(resolve_model("embedded:gemma3-270m")), BackendSection(kind="transformers"))
     judge = Judge(backend, mode="expected")
+    undefended_judge = Judge(backend, mode="expected", defence=lambda text, control=None: text.strip())
 
-    def mean_score(attack_id: str | None) -> float:
+    def mean_score(attack_id: str | None, judge: Judge = judge) -> float:
         items = [JudgeItem(s["instruction"], attacked(by_id[attack_id], s["response"][:400]) if attack_id else s["response"][:400])
                  for s in seeds]
         scores = [r.score for r in judge.score(items)]
@@ -102,9 +102,7 @@ def test_an_appended_score_does_not_raise_the_real_models_score(monkeypatch):
     try:
         clean = mean_score(None)
         defended = {a: mean_score(a) for a in ("appended_score", "bold_score", "score_first", "zero_width_score")}
-        with monkeypatch.context() as patch:
-            patch.setattr(judge_module, "neutralise", lambda text, control=None: text.strip())
-            undefended = mean_score("appended_score")
+        undefended = mean_score("appended_score", undefended_judge)
     finally:
         backend.close()
     assert undefended > clean + 0.5, "the attack should work on an undefended prompt, else this test shows nothing"

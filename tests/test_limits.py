@@ -8,7 +8,7 @@ import logging
 import pytest
 from typer.testing import CliRunner
 
-from selfreward import cli_judge, pipeline
+from selfreward import pipeline
 from selfreward.backends.base import Backend, Completion
 from selfreward.jsonl import read_jsonl
 from selfreward.limits import cut
@@ -116,16 +116,16 @@ def test_judging_stage_judges_cut_responses_and_counts_them(tmp_path, recording)
     assert [r["id"] for r in read_jsonl(run.judgments(1))] == ["r0", "r1"]
 
 
-def test_judge_file_mode_cuts_long_responses_and_reports_the_count(tmp_path, monkeypatch, recording):
+def test_judge_file_mode_cuts_long_responses_and_reports_the_count(tmp_path, recording):
     from selfreward.cli import app
 
-    monkeypatch.setattr(cli_judge, "open_judge_backend", lambda *args: recording)
     items = write_jsonl(tmp_path / "items.jsonl", [
         {"id": 1, "instruction": "q", "response": "a long answer that goes on"},
         {"id": 2, "instruction": "q", "response": "brief"},
     ])
     out = tmp_path / "scored.jsonl"
-    result = CliRunner().invoke(app, ["judge", "-i", items, "-o", str(out), "-m", "x", "-k", "1", "--max-response-chars", "13"])
+    result = CliRunner().invoke(app, ["judge", "-i", items, "-o", str(out), "-m", "x", "-k", "1", "--max-response-chars", "13"],
+                                obj={"open_judge_backend": lambda *args: recording})
     assert result.exit_code == 0, result.output
     assert "truncated 1 of 2 judged responses to 13 characters" in result.output
     assert "a long answer" in recording.prompts[0] and "that goes" not in recording.prompts[0]

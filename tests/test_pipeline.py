@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from selfreward import pipeline
 from selfreward.backends import open_backend as real_open_backend
@@ -73,8 +76,17 @@ def test_full_loop_writes_every_stage_and_resumes_instantly(tiny_model, tmp_path
         assert json.loads(run.metrics(t).read_text())["iteration"] == t
         assert rows[t - 1]["judged_text_truncated"] == {"instructions": 0, "responses": 0}
     assert set(run.done_record("sft")["truncated"].values()) == {0}  # the seed data fits the default limits
-    # Iteration 2 samples from M2 (iteration 1's DPO output), not from M1.
+    # Iteration 2 samples from M2 (iteration 1's DPO output), not from M1, and trains M3 from M2 with M2 as
+    # the reference (as the trainer held them).
     assert scripted.loads.count(str(run.model(1))) == 1
+    assert run.done_record("iter2/dpo")["policy"] == run.done_record("iter2/dpo")["reference"] == str(run.model(1))
+    assert run.done_record("iter1/dpo")["reference"] == str(run.sft_model)
+    # Each training stage changed the model it started from, and saved a plain checkpoint (LoRA merged).
+    chain = [Path(tiny_model), run.sft_model, run.model(1), run.model(2)]
+    for before, after in zip(chain, chain[1:]):
+        old, new = load_file(str(before / "model.safetensors")), load_file(str(after / "model.safetensors"))
+        assert old.keys() == new.keys() and not any("lora" in key for key in new)
+        assert any(not torch.equal(old[key], new[key]) for key in old), f"{after} has the weights of {before}"
     loads = len(scripted.loads)
     assert pipeline.run(recipe, run, scripted) == rows  # a finished run: nothing reloaded, nothing redone
     assert len(scripted.loads) == loads

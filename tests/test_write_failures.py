@@ -14,7 +14,6 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from selfreward import pipeline
 from selfreward.backends import open_backend as real_open_backend
 from selfreward.errors import UserError
 from selfreward.jsonl import append_jsonl, read_jsonl, write_atomic
