@@ -18,7 +18,10 @@ A shardable stage can also run as N shards (`shard`), whose parts `merge` joins.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,10 @@ def run_stage(
         if stage.model == "train":
             models.close()  # generation and training never hold the accelerator together
         ctx = StageContext(recipe, run_dir, t, stage.name, models, shard)
+        if stage.shardable and shard is None and recipe.backend.data_parallel_size > 1:
+            result = _run_replicas(stage, recipe, run_dir, t, models)
+            run_dir.mark_done(key, result)
+            return result
         result = stage.run(ctx)
         if stage.summarize is not None and shard is None:
             output = _file(run_dir, stage, t)
@@ -103,14 +110,48 @@ def merge(stage: Stage, recipe: Recipe, run_dir: RunDir, t: int, models: Models)
             raise UserError(f"{run_dir.root}: part {shard.index}/{count} of stage '{key}' is {state}; "
                             f"run `selfreward {stage.name} --iteration {t} --shard {shard.index}/{count}` first")
     with run_dir.hold(key):
-        records = [record for shard in shards for record in read_jsonl(run_dir.part(output, shard))]
-        write_jsonl_atomic(output, records)
-        parts = [run_dir.done_record(stage.done_key(t, shard)) for shard in shards]
-        ctx = StageContext(recipe, run_dir, t, stage.name, models)
-        result = {**stage.summarize(ctx, records), "seconds": round(sum(p.get("seconds") or 0 for p in parts), 1),
-                  "shards": count}
+        result = _join(stage, recipe, run_dir, t, models, count)
         run_dir.mark_done(key, result)
     return result
+
+
+def _join(stage: Stage, recipe: Recipe, run_dir: RunDir, t: int, models: Models, count: int) -> dict[str, Any]:
+    """Write the stage's file from its `count` finished parts, in order; return the stage's done record."""
+    output = _file(run_dir, stage, t)
+    shards = [Shard(i, count) for i in range(1, count + 1)]
+    records = [record for shard in shards for record in read_jsonl(run_dir.part(output, shard))]
+    write_jsonl_atomic(output, records)
+    parts = [run_dir.done_record(stage.done_key(t, shard)) for shard in shards]
+    ctx = StageContext(recipe, run_dir, t, stage.name, models)
+    return {**stage.summarize(ctx, records), "seconds": round(sum(p.get("seconds") or 0 for p in parts), 1),
+            "shards": count}
+
+
+def _run_replicas(stage: Stage, recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> dict[str, Any]:
+    """Data parallel on one node: `backend.data_parallel_size` processes, each with its own engine (and its
+    own `tensor_parallel_size` GPUs), each running one shard of the stage; then their parts are joined.
+    A rerun skips the parts already finished."""
+    import torch
+
+    count, per_replica = recipe.backend.data_parallel_size, recipe.backend.vllm.tensor_parallel_size
+    gpus = torch.cuda.device_count()
+    if gpus and gpus < count * per_replica:
+        raise UserError(f"{run_dir.recipe_path}: backend.data_parallel_size {count} x backend.vllm.tensor_parallel_size "
+                        f"{per_replica} needs {count * per_replica} GPUs; this node has {gpus}")
+    models.close()
+    processes = []
+    for index in range(1, count + 1):
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range((index - 1) * per_replica, index * per_replica))
+        command = [sys.executable, "-m", "selfreward", stage.name, "--recipe", str(run_dir.recipe_path),
+                   "--output", str(run_dir.root), "--iteration", str(t), "--shard", f"{index}/{count}"]
+        processes.append(subprocess.Popen(command, env=env))
+    failed = [i for i, process in enumerate(processes, start=1) if process.wait() != 0]
+    if failed:
+        raise UserError(f"{run_dir.root}: replica(s) {', '.join(map(str, failed))} of {count} of stage "
+                        f"'{stage.done_key(t)}' failed (their output is above); rerun to resume")
+    return _join(stage, recipe, run_dir, t, models, count)
 
 
 def _part_counts(run_dir: RunDir, stage: Stage, t: int, output: Path) -> set[int]:

@@ -40,6 +40,9 @@ class BackendSection(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     # transformers backend: sequences (prompts x samples) per forward batch.
     batch_size: int = Field(32, ge=1)
+    # Data parallel on one node: this many engine replicas (processes, each with its own GPUs when there
+    # are GPUs: vllm.tensor_parallel_size of them), each generating or judging one shard of the stage.
+    data_parallel_size: int = Field(1, ge=1)
     vllm: VllmSection = VllmSection()
 
 

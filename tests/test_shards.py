@@ -107,3 +107,22 @@ def test_bad_shard_arguments_are_one_line(prompted, tmp_path, args, message):
     shutil.copytree(source, tmp_path / "run")
     result = cli(args[0], "-r", recipe, "-o", tmp_path / "run", "-t", 1, *args[1:])
     assert result.exit_code == 2 and message in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_data_parallel_replicas_write_what_one_process_writes(prompted, unsharded, tmp_path):
+    """backend.data_parallel_size: 2 runs each stage as 2 shard processes (own engine each) and joins them."""
+    recipe, source = prompted
+    raw = yaml.safe_load(recipe.read_text())
+    raw["backend"]["data_parallel_size"] = 2
+    replicated = tmp_path / "recipe.yaml"
+    replicated.write_text(yaml.safe_dump(raw))
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(source, run.root)
+    (run.root / "recipe.yaml").unlink()  # the run is bound to the recipe that says 2 replicas
+    for command in ("generate", "judge"):
+        result = cli(command, "-r", replicated, "-o", run.root, "-t", 1)
+        assert result.exit_code == 0, result.output
+    assert run.responses(1).read_bytes() == unsharded.responses(1).read_bytes()
+    assert run.judgments(1).read_bytes() == unsharded.judgments(1).read_bytes()
+    assert run.done_record("iter1/generate")["shards"] == run.done_record("iter1/judge")["shards"] == 2
