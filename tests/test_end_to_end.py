@@ -21,13 +21,13 @@ pytestmark = pytest.mark.slow
 RECIPE = {
     "seed": 0, "iterations": 1,
     "model": {"base": "embedded:gemma3-270m"},
-    "backend": {"kind": "transformers", "dtype": "bfloat16", "batch_size": 16},  # judge chunks of 8 items
+    "backend": {"kind": "transformers", "dtype": "bfloat16", "batch_size": 16},
     "data": {"ift": "data/ift.jsonl", "eft": "data/eft.jsonl", "max_ift": 8, "max_eft": 16},
     "sft": {"epochs": 1, "learning_rate": 2e-4, "batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 512,
             "lora": {"enabled": True, "r": 16, "alpha": 32}},
     "prompts": {"model": "embedded:gemma3-270m", "count": 4, "max_new_tokens": 40},
     "responses": {"n": 4, "max_new_tokens": 48},
-    "judge": {"samples": 2, "max_new_tokens": 64},
+    "judge": {"samples": 2, "max_new_tokens": 64, "unit_size": 8},  # two units: a kill can fall between them
     "dpo": {"learning_rate": 2e-5, "batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 256,
             "lora": {"enabled": True, "r": 8, "alpha": 16}},
 }
@@ -52,7 +52,7 @@ def test_real_model_runs_the_loop_survives_a_kill_and_resumes(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     partial = read_jsonl(run.judgments(1))
-    assert 0 < len(partial) < 16 and not run.is_done("iter1/judgments")
+    assert 0 < len(partial) < 16 and not run.is_done("iter1/judge")
 
     process = iterate(recipe, out)
     output, _ = process.communicate(timeout=1500)

@@ -46,6 +46,8 @@ def test_sft_and_dpo_with_two_processes_match_one_process(tiny_model, tmp_path):
     two = train_both(tiny_model, tmp_path / "two", 2)
     for key, model in (("sft", two.sft_model), ("iter1/dpo", two.model(1))):
         record, single = two.done_record(key), one.done_record(key)
+        print(f"\n{key}: losses per step, 2 processes {[e['loss'] for e in record['log']]}, "
+              f"1 process {[e['loss'] for e in single['log']]}")
         assert record["processes"] == 2 and single["processes"] == 1
         assert record["steps"] == single["steps"] > 1
         # Every logged loss, the first step's included (DPO's first loss is ln 2 whatever the data, so
