@@ -65,17 +65,17 @@ def test_chat_judging_through_an_endpoint(server):
     assert "<response>\na1\n</response>" in contents[0] and "<response>\na2\n</response>" in contents[1]
 
 
-def test_retries_with_backoff_on_server_errors(server, monkeypatch):
-    monkeypatch.setattr("time.sleep", lambda seconds: None)
+def test_retries_with_backoff_on_server_errors(server):
     Handler.failures_left = 2
-    backend = HttpBackend(server, "m", retries=3, concurrency=1)
+    delays = []
+    backend = HttpBackend(server, "m", retries=3, concurrency=1, sleep=delays.append)
     (row,) = backend.generate([backend.text_prompt("hi")], 1, Sampling(max_new_tokens=5))
     assert row[0].text.startswith("Relevant") and len(Handler.requests) == 3
+    assert delays == [0.5, 1.0]  # exponential back-off
 
 
-def test_unreachable_endpoint_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr("time.sleep", lambda seconds: None)
-    backend = HttpBackend("http://127.0.0.1:9", "m", retries=1, timeout=2)
+def test_unreachable_endpoint_is_one_clear_error():
+    backend = HttpBackend("http://127.0.0.1:9", "m", retries=1, timeout=2, sleep=lambda seconds: None)
     with pytest.raises(UserError, match=r"endpoint http://127\.0\.0\.1:9/v1: unreachable"):
         backend.generate([backend.text_prompt("hi")], 1, Sampling())
 

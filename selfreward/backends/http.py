@@ -38,7 +38,9 @@ class HttpBackend(Backend):
         retries: int = 4,
         concurrency: int = 8,
         tokenizer=None,
+        sleep=time.sleep,
     ) -> None:
+        """`sleep` waits between retries (tests pass one that records the delays instead)."""
         import httpx
 
         if api not in ("chat", "completions"):
@@ -48,6 +50,7 @@ class HttpBackend(Backend):
             self.base += "/v1"
         self.model, self.api, self.retries, self.concurrency = model, api, retries, concurrency
         self.tokenizer = tokenizer
+        self.sleep = sleep
         self.chunk_prompts = 8 * concurrency
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=timeout, headers=headers, limits=httpx.Limits(max_connections=concurrency))
@@ -84,7 +87,7 @@ class HttpBackend(Backend):
                     raise UserError(f"endpoint {url}: HTTP {response.status_code}: {response.text[:200]}")
             delay = min(30.0, 0.5 * 2**attempt)
             log.warning("endpoint %s: attempt %d failed, retrying in %.1f s", url, attempt + 1, delay)
-            time.sleep(delay)
+            self.sleep(delay)
         raise AssertionError("unreachable")
 
     def _completion_prompt(self, prompt: str) -> str | list[int]:
