@@ -34,6 +34,7 @@ from selfreward.rundir import RunDir
 from selfreward.seeds import load_eft, load_ift
 from selfreward.stages import ITERATION, MODEL, SFT, STAGES, Stage, producer
 from selfreward.stages.context import BackendOpener, Models, StageContext
+from selfreward.training import machine_rank
 from selfreward.units import Shard
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ def run_stage(
     if shard and stage.summarize is None:
         raise UserError(f"--shard: stage '{stage.name}' cannot be sharded")
     _require_inputs(stage, recipe, run_dir, t)
+    if stage.model == "train" and machine_rank() > 0:
+        # Another node of a multi-node training job: it trains its share; node 0 holds the stage, writes
+        # the model and marks it done.
+        return stage.run(StageContext(recipe, run_dir, t, stage.name, models))
     with run_dir.hold(key):
         if (done := _skip(run_dir, key)) is not None:  # finished by another process while we waited
             return done

@@ -140,6 +140,11 @@ def _complete(folder: Path) -> bool:
     return isinstance(state, dict) and "global_step" in state
 
 
+def machine_rank() -> int:
+    """This node's rank in a multi-node training job (set per node by the SLURM job script); 0 otherwise."""
+    return int(os.environ.get("SELFREWARD_MACHINE_RANK", "0"))
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -211,6 +216,8 @@ def launch(launcher: LauncherSection, stage: str, run_dir: Path, iteration: int)
         "--num_processes", str(launcher.num_processes), "--num_machines", str(launcher.num_machines),
         "--main_process_port", str(launcher.main_process_port),
     ]
+    if launcher.num_machines > 1:  # one launch per node (the SLURM jobs start one on each)
+        command += ["--machine_rank", str(machine_rank()), "--main_process_ip", os.environ.get("SELFREWARD_MAIN_PROCESS_IP", "127.0.0.1")]
     if launcher.config_file:
         command += ["--config_file", launcher.config_file]
     else:
