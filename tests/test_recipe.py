@@ -8,6 +8,7 @@ from selfreward.cli import app
 from selfreward.errors import UserError
 from selfreward.recipe import load_recipe, parse_recipe
 from selfreward.rundir import RunDir
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize(
@@ -93,3 +94,13 @@ def test_cli_error_line_prints_brackets_in_paths_literally(tmp_path):
     folder = tmp_path / "run[/x][bold]"  # a closing tag rich would choke on, a style it would swallow
     result = CliRunner().invoke(app, ["iterate", "-r", str(folder / "nope.yaml"), "-o", str(tmp_path / "run")])
     assert result.exit_code == 2 and f"{folder / 'nope.yaml'}: recipe file not found" in result.output
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml")))
+def test_every_shipped_recipe_is_valid_and_names_files_that_exist(path):
+    from selfreward.pipeline import check_inputs
+
+    recipe = load_recipe(path)
+    check_inputs(recipe, path)
+    if recipe.launcher.num_processes > 1:
+        assert recipe.launcher.config_file and (ROOT / recipe.launcher.config_file).is_file()
