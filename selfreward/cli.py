@@ -362,7 +362,7 @@ def slurm(
         chosen = iteration or list(range(1, config.iterations + 1))
         options = SlurmOptions(shards, tuple(sbatch_arg or ()), tuple(train_sbatch_arg or ()), prefix)
         for job, job_id in submit(config, recipe, run_dir, chosen, options, dry_run=dry_run):
-            console.print(f"{job_id}\t{job.name}", highlight=False)
+            typer.echo(f"{job_id}\t{job.name}")  # stdout: the job ids, for scripts
 
     _guard(action)
 

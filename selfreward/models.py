@@ -165,7 +165,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a folder transformers cannot make sense of
         raise UserError(f"model '{path}': cannot load tokenizer ({first_line(error)})") from None
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token is None:
@@ -182,7 +182,7 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a config transformers cannot make sense of
         raise UserError(f"model '{path}': cannot load ({first_line(error)})") from None
     if device:
         model.to(device)

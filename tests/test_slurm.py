@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -50,7 +49,10 @@ def cluster(tmp_path_factory):
 def recipe_file(tiny_model: str, folder: Path, **changes) -> Path:
     # Expected-mode judging gives a random tiny model real scores, so there are pairs to train on.
     training = {"batch_size": 2, "save_steps": 1, "save_minutes": None}
-    raw = tiny_recipe(tiny_model, iterations=1, judge={"mode": "expected"}, sft=training, dpo=training, **changes)
+    sections = {"judge": {"mode": "expected"}, "sft": training, "dpo": training}
+    for key, values in changes.items():
+        sections[key] = {**sections.get(key, {}), **values}
+    raw = tiny_recipe(tiny_model, iterations=1, **sections)
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
