@@ -102,7 +102,7 @@ def test_one_iteration_as_slurm_jobs_ends_like_a_local_run(cluster, tiny_model, 
 
 
 def test_a_job_requeued_mid_training_resumes_and_the_run_ends_like_a_local_run(cluster, tiny_model, tmp_path):
-    recipe = recipe_file(tiny_model, tmp_path)
+    recipe = recipe_file(tiny_model, tmp_path, sft={"epochs": 3})  # 12 steps: time to requeue after the first
     local_run(recipe, tmp_path / "local")
     jobs = dict(submit(recipe, tmp_path / "cluster"))
     work = tmp_path / "cluster" / ".m1.work"
@@ -113,7 +113,9 @@ def test_a_job_requeued_mid_training_resumes_and_the_run_ends_like_a_local_run(c
     cluster.run("scontrol", "requeue", jobs["sft"])  # as a preemption does: the job is killed and queued again
     while cluster.job(jobs["sft"])["JobState"] not in ("PENDING", "REQUEUED"):
         time.sleep(0.2)
-    cluster.run("scontrol", "update", f"jobid={jobs['sft']}", "StartTime=now")  # else eligible only after 120 s
+    # Requeued jobs wait 120 s to be eligible; 5 s is enough for slurmd to forget the killed instance (started
+    # at once, it refuses the job: "Job credential revoked").
+    cluster.run("scontrol", "update", f"jobid={jobs['sft']}", "StartTime=now+5")
     cluster.wait_idle(900)
     sft = cluster.job(jobs["sft"])
     assert sft["JobState"] == "COMPLETED" and int(sft["Restarts"]) == 1
