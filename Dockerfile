@@ -10,6 +10,13 @@
 ARG CPU_BASE=python:3.11-slim-bookworm
 ARG GPU_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
+# What both targets install: the package, its recipes and seed data (copied once, used by both).
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY selfreward /src/selfreward
+COPY recipes /src/recipes
+COPY data /src/data
+
 FROM ${CPU_BASE} AS cpu
 # Where pip finds the CPU build of torch (PyPI's Linux wheels are CUDA builds); the same pin as the README.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -17,10 +24,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
     SELFREWARD_CACHE=/data/cache HF_HOME=/data/cache/huggingface PATH=/opt/venv/bin:$PATH
 RUN useradd --create-home --uid 1000 selfreward && mkdir -p /data && chown selfreward /data
 WORKDIR /opt/selfreward
-COPY pyproject.toml README.md ./
-COPY selfreward ./selfreward
-COPY recipes ./recipes
-COPY data ./data
+COPY --from=source /src ./
 # The project itself, with the ranges of pyproject.toml resolved as the README's install resolves them.
 # hadolint ignore=DL3013
 RUN python3 -m venv /opt/venv \
@@ -41,10 +45,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1001 selfreward && mkdir -p /data && chown selfreward /data
 WORKDIR /opt/selfreward
-COPY pyproject.toml README.md ./
-COPY selfreward ./selfreward
-COPY recipes ./recipes
-COPY data ./data
+COPY --from=source /src ./
 # vLLM brings the CUDA torch build it was made for; DeepSpeed for recipes/accelerate/zero3.yaml.
 # hadolint ignore=DL3013
 RUN python3 -m venv /opt/venv \

@@ -62,7 +62,7 @@ def run_stage(
     key = stage.done_key(t, shard)
     if (done := _skip(run_dir, key)) is not None:
         return done
-    if shard and stage.summarize is None:
+    if shard and not stage.shardable:
         raise UserError(f"--shard: stage '{stage.name}' cannot be sharded")
     _require_inputs(stage, recipe, run_dir, t)
     if stage.model == "train" and machine_rank() > 0:
@@ -80,7 +80,7 @@ def run_stage(
             run_dir.mark_done(key, result)
             return result
         result = stage.run(ctx)
-        if stage.summarize is not None and shard is None:
+        if stage.shardable and shard is None:
             output = _file(run_dir, stage, t)
             result = {**stage.summarize(ctx, read_jsonl(output)), **result}
         elif shard is not None:
@@ -95,7 +95,7 @@ def merge(stage: Stage, recipe: Recipe, run_dir: RunDir, t: int, models: Models)
 
     Refuses, naming the first missing or unfinished part, unless every part 1..N is finished.
     """
-    if stage.summarize is None:
+    if not stage.shardable:
         raise UserError(f"merge: stage '{stage.name}' is not sharded (shardable: {', '.join(s.name for s in STAGES if s.shardable)})")
     key = stage.done_key(t)
     if (done := _skip(run_dir, key)) is not None:
