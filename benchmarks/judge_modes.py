@@ -1,54 +1,111 @@
-"""The judge's two modes side by side on the same items: speed and agreement.
+"""(b) Judging, side by side in one run on the same items: a plain one-forward-pass script vs our expected
+mode vs sampled mode with 1 and with k samples; seconds per 100 items and agreement between modes.
 
-    python benchmarks/judge_modes.py --model embedded:gemma3-270m --ranked ../shared/data/oasst1/sample.jsonl --prompts 20
+    python -m benchmarks.judge_modes --model embedded:gemma3-270m --ranked ../shared/data/oasst1/sample.jsonl --prompts 20
 
-Scores every response of the first N ranked prompts with `sampled` (k samples) and with `expected`, then
-reports seconds per 100 judged items for each mode, their ratio, the Spearman correlation between the two
-modes' scores (items where sampled parsed), and the parse-failure rate of sampled mode.
+`--ranked` takes human-ranked responses (oasst1 JSONL, as `selfreward judge-eval` reads them); every response
+of the first `--prompts` prompts is one item. The plain script is what one would write by hand: batches of 4
+prompts sorted by length, one bf16 forward pass with the logits of every position, the six digit
+probabilities at the last one. Expected mode must agree with it (same scores up to bf16 rounding: the
+`max_abs_diff_vs_plain` column). MFU counts prompt tokens at 2 x parameters per token (`mfu`); expected
+mode skips the LM head except at the last position, so `mfu_computed` also gives the share with the
+FLOPs it really does (2 x non-embedding parameters per token). Sampled rows report the Spearman correlation
+of their scores with expected mode and their parse-failure rate.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
+from pathlib import Path
 
 from scipy.stats import spearmanr
 
+from benchmarks.common import matmul_gflops, mfu, parameters, report
 from selfreward.backends import Sampling, open_backend
 from selfreward.evaluation import load_ranked
-from selfreward.judge import Judge, JudgeItem
+from selfreward.judge import SCORES, Judge, JudgeItem
 from selfreward.models import resolve_model
 from selfreward.recipe import BackendSection
+
+
+def plain_script(backend, prompts: list[str], digit_ids: list[int]) -> list[float]:
+    """Expected scores the straightforward way (see the module docstring), on the backend's own model."""
+    import torch
+
+    model, tokenizer = backend.model, backend.tokenizer
+    encoded = [backend.encode(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    scores: list[float] = [0.0] * len(prompts)
+    for start in range(0, len(order), 4):
+        batch = order[start : start + 4]
+        padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")  # left padding
+        positions = (padded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = model(**padded, position_ids=positions).logits[:, -1, :].float()
+        probs = torch.softmax(logits, dim=-1)[:, digit_ids]
+        for i, row in zip(batch, probs.tolist()):
+            scores[i] = sum(s * p for s, p in zip(SCORES, row)) / sum(row)
+    return scores
+
+
+def timed(function, *args):
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:gemma3-270m")
-    parser.add_argument("--ranked", required=True)
+    parser.add_argument("--ranked", required=True, help="oasst1-style ranked responses (JSONL)")
     parser.add_argument("--prompts", type=int, default=20)
-    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=3, help="k of the sampled row")
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/judge_modes.json"))
     args = parser.parse_args()
-    backend = open_backend(resolve_model(args.model), BackendSection(kind="transformers", dtype="bfloat16", batch_size=48))
+    model = resolve_model(args.model)
+    gflops = matmul_gflops("bfloat16")
+    params = parameters(model)
+    backend = open_backend(model, BackendSection(kind="transformers", dtype="bfloat16", batch_size=args.batch_size))
     items = [JudgeItem(p.instruction, r) for p in load_ranked(args.ranked)[: args.prompts] for r in p.responses]
-    row = {"model": args.model, "items": len(items), "samples": args.samples}
-    scores = {}
-    for mode in ("expected", "sampled"):
-        judge = Judge(backend, mode=mode, samples=args.samples, sampling=Sampling(0.7, 0.9, args.max_new_tokens))
-        chunk = 16
-        started = time.perf_counter()
-        results = [r for start in range(0, len(items), chunk) for r in judge.score(items[start : start + chunk])]
-        seconds = time.perf_counter() - started
-        row[f"{mode}_s_per_100"] = round(100 * seconds / len(items), 1)
-        scores[mode] = [r.score for r in results]
-        if mode == "sampled":
-            row["sampled_parse_failure_rate"] = round(sum(r.parse_failures for r in results) / (len(items) * args.samples), 3)
-    both = [(e, s) for e, s in zip(scores["expected"], scores["sampled"]) if e is not None and s is not None]
-    row["items_both_scored"] = len(both)
-    row["spearman_sampled_vs_expected"] = round(spearmanr(*zip(*both)).statistic, 3) if len(both) > 2 else None
-    row["sampled_over_expected_time"] = round(row["sampled_s_per_100"] / row["expected_s_per_100"], 1)
-    print(json.dumps(row))
+    expected = Judge(backend, mode="expected")
+    prompts = [expected.prompt(item) + "Score: " for item in items]
+    prompt_tokens = sum(len(backend.encode(p)) for p in prompts)
+    digit_ids = backend.single_token_ids(prompts[0], [str(s) for s in SCORES])
+    expected.score(items[:2])  # warm-up
+
+    plain, plain_s = timed(plain_script, backend, prompts, digit_ids)
+    fast, fast_s = timed(lambda: [r.score for r in expected.score(items)])
+    rows = [
+        {"mode": "plain script (full logits)", "seconds": plain_s},
+        {"mode": "expected", "seconds": fast_s, "max_abs_diff_vs_plain": max(abs(a - b) for a, b in zip(fast, plain))},
+    ]
+    for row in rows:
+        row["prompt_tok_per_s"] = prompt_tokens / row["seconds"]
+        row["mfu"] = mfu(row["prompt_tok_per_s"], 2 * params["total"], gflops)
+    rows[1]["mfu_computed"] = mfu(rows[1]["prompt_tok_per_s"], 2 * params["non_embedding"], gflops)
+    for k in (1, args.samples):
+        judge = Judge(backend, mode="sampled", samples=k, sampling=Sampling(0.7, 0.9, args.max_new_tokens))
+        results, seconds = timed(judge.score, items)
+        scored = [(e, r.score) for e, r in zip(fast, results) if r.score is not None]
+        rows.append({
+            "mode": f"sampled k={k}", "seconds": seconds,
+            "spearman_vs_expected": spearmanr(*zip(*scored)).statistic if len(scored) > 2 else None,
+            "parse_failure_rate": sum(r.parse_failures for r in results) / (len(items) * k),
+            "judgment_tokens": sum(len(backend.encode(t)) for r in results for t in r.texts),
+        })
+    for row in rows:
+        row["s_per_100_items"] = 100 * row["seconds"] / len(items)
+        row["vs_plain"] = row["seconds"] / plain_s
+    sampled = rows[2:]
+    report("(b) judging: the same items in each mode", rows, args.output, {
+        "model": args.model, "items": len(items), "prompt_tokens": prompt_tokens, "bf16_matmul_gflops": round(gflops, 1),
+        "parameters": params, "sampled_k_over_k1_time": sampled[1]["seconds"] / sampled[0]["seconds"],
+        "command": " ".join(sys.argv),
+    })
 
 
 if __name__ == "__main__":

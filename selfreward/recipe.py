@@ -86,6 +86,9 @@ class DpoSection(TrainSection):
     beta: float = Field(0.1, gt=0)
     # TRL loss types; ["sigmoid", "sft"] adds an NLL term on the chosen response.
     loss_type: list[str] = ["sigmoid"]
+    # Compute the reference model's log-probabilities of every pair once, before training, instead of in
+    # every step: pays off from the second epoch on (benchmarks/dpo_memory.py).
+    precompute_ref_log_probs: bool = False
 
 
 class DataSection(Section):
@@ -134,14 +137,17 @@ class PromptsSection(SamplingSection):
     near_duplicate_threshold: float = Field(0.6, gt=0, le=1)
     # Candidates sampled per round; each round is a unit of work with its own seed.
     round_size: int = Field(64, ge=1)
+    # Candidates sampled from each few-shot prompt. The prompt (8 examples: most of the work of a short
+    # candidate) is then computed once for all of them; more samples per prompt mean fewer distinct shot sets.
+    samples_per_prompt: int = Field(1, ge=1)
     # Generation rounds to try before giving up on reaching `count`.
     max_rounds: int = Field(20, ge=1)
 
 
 class ResponsesSection(SamplingSection):
     n: int = Field(4, ge=2)
-    # Prompts per unit of work (its own seed; written together; the smallest piece a shard gets). With the
-    # transformers backend a unit is also one batch, so results depend on it: keep it fixed for a run.
+    # Prompts per unit of work (its own seed; written together; the smallest piece a shard gets). The seed
+    # comes from the unit's first prompt id, so results depend on it: keep it fixed for a run.
     unit_size: int = Field(16, ge=1)
 
 

@@ -1,8 +1,10 @@
-"""Batched generation with transformers: left padding, prompts sorted by length, n samples per prompt."""
+"""Batched generation with transformers: left padding, prompts sorted by length, n samples per prompt
+from one computation of each prompt (`decoding.sample`)."""
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 from collections.abc import Sequence
 
@@ -10,6 +12,12 @@ from selfreward.backends.base import Backend, Completion, Sampling, cut_at_stop
 from selfreward.models import load_causal_lm, load_tokenizer, stop_token_ids
 
 log = logging.getLogger(__name__)
+
+
+def row_seed(seed: int, prompt: int, sample: int) -> int:
+    """The seed of one output row: sample `sample` of the call's prompt number `prompt`."""
+    digest = hashlib.sha256(f"{seed}:{prompt}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 class TransformersBackend(Backend):
@@ -39,31 +47,35 @@ class TransformersBackend(Backend):
     def generate(self, prompts: Sequence[str], n: int, sampling: Sampling) -> list[list[Completion]]:
         import torch
 
-        torch.manual_seed(sampling.seed)
-        sample = sampling.temperature > 0
-        if not sample and n > 1:  # greedy decoding gives n identical answers: compute one
+        from selfreward.backends.decoding import sample
+
+        if sampling.temperature <= 0 and n > 1:  # greedy decoding gives n identical answers: compute one
             return [row * n for row in self.generate(prompts, 1, sampling)]
         results: list[list[Completion]] = [[] for _ in prompts]
-        per_batch = max(1, self.batch_size // n)
-        for indices, batch in self._batches(prompts, per_batch):
+        stopped = self._stop_string_check(sampling.stop)
+        for indices, batch in self._batches(prompts, max(1, self.batch_size // n)):
+            # A row's seed comes from its prompt's place in this call, not from the batch it landed in.
+            seeds = [row_seed(sampling.seed, i, j) for i in indices for j in range(n)]
             with torch.inference_mode():
-                output = self.model.generate(
-                    **batch,
-                    do_sample=sample,
-                    temperature=sampling.temperature if sample else None,
-                    top_p=sampling.top_p if sample else None,
-                    top_k=None,
-                    max_new_tokens=sampling.max_new_tokens,
-                    num_return_sequences=n,
-                    eos_token_id=self.stop_ids,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    stop_strings=list(sampling.stop) or None,
-                    tokenizer=self.tokenizer if sampling.stop else None,
+                rows = sample(
+                    self.model, batch["input_ids"], batch["attention_mask"], n, sampling.temperature, sampling.top_p,
+                    sampling.max_new_tokens, self.stop_ids, stopped, seeds,
                 )
-            new = output[:, batch["input_ids"].shape[1] :].tolist()
-            for row, tokens in enumerate(new):
+            for row, tokens in enumerate(rows):
                 results[indices[row // n]].append(self._completion(tokens, sampling))
         return results
+
+    def _stop_string_check(self, stops: Sequence[str]):
+        """Whether a row's tokens end in one of `stops`: only the last few tokens are decoded per step."""
+        if not stops:
+            return lambda tokens: False
+        span = max(len(s) for s in stops) + 1  # a token carries at least one character of a stop string
+
+        def stopped(tokens: list[int]) -> bool:
+            tail = self.tokenizer.decode(tokens[-span:], skip_special_tokens=True)
+            return any(s in tail for s in stops)
+
+        return stopped
 
     def _completion(self, tokens: list[int], sampling: Sampling) -> Completion:
         length, stopped = len(tokens), False
@@ -78,16 +90,19 @@ class TransformersBackend(Backend):
     def next_token_probs(self, prompts: Sequence[str], token_ids: Sequence[int]) -> list[list[float]]:
         import torch
 
+        from selfreward.backends.decoding import last_token_logits
+
+        encoded = [self.encode(p) for p in prompts]
         results: list[list[float]] = [[] for _ in prompts]
         index = torch.tensor(list(token_ids), device=self.device)
-        for indices, batch in self._batches(prompts, self.batch_size):
+        # Sorted by length: little right padding in each batch.
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start : start + self.batch_size]
             with torch.inference_mode():
-                # Only the last position's logits: the full (batch, length, vocab) tensor is tens of GB
-                # for long prompts with a 262k vocabulary.
-                logits = self.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
-            probs = torch.softmax(logits, dim=-1)[:, index].tolist()
-            for row, values in enumerate(probs):
-                results[indices[row]] = values
+                logits = last_token_logits(self.model, [encoded[i] for i in indices], self.tokenizer.pad_token_id or 0)
+            for row, values in zip(indices, torch.softmax(logits, dim=-1)[:, index].tolist()):
+                results[row] = values
         return results
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selfreward import completion_head
 from selfreward.errors import UserError
 from selfreward.jsonl import read_jsonl
 from selfreward.models import resolve_model
@@ -26,8 +27,10 @@ def run_dpo(
     seed: int = 0,
     trust_remote_code: bool = False,
     callbacks: list | None = None,
+    lm_head=completion_head.install,
 ) -> dict[str, Any]:
     """Train M_{t+1} from `model_path` (= M_t, also the reference) on `pairs_path`; save to `output`.
+    `lm_head(trainer)` may replace TRL's LM head and says whether it did (see `completion_head`).
 
     The result names the policy's starting weights and the reference model as the trainer holds them.
     """
@@ -49,14 +52,16 @@ def run_dpo(
     columns = [{key: record[key] for key in PAIR_FIELDS} for record in pairs]
     dataset = Dataset.from_list(columns).shuffle(seed=seed)
     work_dir = output.parent / f".{output.name}.work"
-    args = DPOConfig(**trainer_args(config, work_dir, seed), beta=config.beta, loss_type=list(config.loss_type))
+    args = DPOConfig(**trainer_args(config, work_dir, seed), beta=config.beta, loss_type=list(config.loss_type),
+                     precompute_ref_log_probs=config.precompute_ref_log_probs)
     trainer = DPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=peft_config, callbacks=checkpoint_callbacks(config) + list(callbacks or []),
     )
+    label_positions_only = lm_head(trainer)
     reference = model_path if peft_config else trainer.ref_model.config._name_or_path
     result = train_and_save(trainer, tokenizer, work_dir, output, model_path, trust_remote_code)
-    result.update(pairs=len(dataset), policy=model_path, reference=reference, seconds=round(time.perf_counter() - started, 1))
+    result.update(pairs=len(dataset), lm_head_on_labels_only=label_positions_only, policy=model_path, reference=reference, seconds=round(time.perf_counter() - started, 1))
     log.info("DPO: %d pairs, loss %s → %s, %.0f s", len(dataset), result["first_loss"], result["last_loss"], result["seconds"])
     return result
 

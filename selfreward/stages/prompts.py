@@ -102,11 +102,12 @@ def run_prompts(
         while len(accepted) < config.count and len(rounds) < config.max_rounds:
             number = len(rounds)
             rng = random.Random(seed_of(number))
-            shots = [rng.sample(seeds, min(config.shots, len(seeds))) for _ in range(config.round_size)]
+            per_prompt = config.samples_per_prompt
+            shots = [rng.sample(seeds, min(config.shots, len(seeds))) for _ in range(-(-config.round_size // per_prompt))]
             prompts = [backend.text_prompt(few_shot_prompt(template, s)) for s in shots]
-            outputs = backend.generate(prompts, 1, replace(sampling, seed=rng.randrange(2**31)))
+            outputs = backend.generate(prompts, per_prompt, replace(sampling, seed=rng.randrange(2**31)))
             fresh, counts = [], {"round": number, "generated": 0, "duplicates": 0, "bad_length": 0}
-            for (completion,) in outputs:
+            for completion in [c for row in outputs for c in row][: config.round_size]:
                 counts["generated"] += 1
                 instruction = extract_instruction(completion.text)
                 if not config.min_chars <= len(instruction) <= config.max_chars or (

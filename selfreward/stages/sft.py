@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selfreward import completion_head
 from selfreward.judge import JudgeItem, render_judge_prompt
 from selfreward.models import resolve_model
 from selfreward.recipe import SftSection
@@ -47,11 +48,13 @@ def run_sft(
     seed: int = 0,
     trust_remote_code: bool = False,
     callbacks: list | None = None,
+    lm_head=completion_head.install,
 ) -> dict[str, Any]:
     """Fine-tune `model_path` on IFT + EFT seed data; save M1 to `output` (a plain HF checkpoint).
 
     Resumes from the last trainer checkpoint in the work folder beside `output`. `callbacks` are extra
-    trainer callbacks (tests use one to stop training at a given step).
+    trainer callbacks (tests use one to stop training at a given step). `lm_head(trainer)` may replace
+    TRL's LM head and says whether it did (benchmarks pass one that keeps TRL's).
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -65,8 +68,9 @@ def run_sft(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(config),
         callbacks=checkpoint_callbacks(config) + list(callbacks or []),
     )
+    label_positions_only = lm_head(trainer)
     result = train_and_save(trainer, tokenizer, work_dir, output, model_path, trust_remote_code)
-    result.update(examples=len(dataset), ift=len(ift), eft=len(eft), seconds=round(time.perf_counter() - started, 1))
+    result.update(examples=len(dataset), lm_head_on_labels_only=label_positions_only, ift=len(ift), eft=len(eft), seconds=round(time.perf_counter() - started, 1))
     log.info("SFT: %d examples, loss %s → %s, %.0f s", len(dataset), result["first_loss"], result["last_loss"], result["seconds"])
     return result
 

@@ -1,0 +1,88 @@
+"""What every benchmark shares: the machine's measured bf16 matmul rate (the denominator of MFU), model
+FLOPs per token, peak memory of a child process, and the printed table plus JSON file of results.
+
+MFU (model FLOPs utilisation) = tokens/s x FLOPs per token / the bf16 matmul rate measured in the same run:
+2 x parameters per token for a forward pass, 6 x for training (the usual convention; a path that skips
+work, such as the LM head on prompt positions, counts the FLOPs it skipped as if done, and its table says so).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def matmul_gflops(dtype: str = "bfloat16", size: int = 2048, seconds: float = 3.0) -> float:
+    """Sustained GFLOP/s of square `size` matmuls in `dtype` on all the cores torch uses."""
+    import torch
+
+    kind = getattr(torch, dtype)
+    a, b = torch.randn(size, size, dtype=kind), torch.randn(size, size, dtype=kind)
+    for _ in range(3):  # warm-up
+        a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - started) / 1e9
+
+
+def parameters(model_path: str) -> dict[str, int]:
+    """Parameter counts of a checkpoint: total, and without the input embedding (what a forward pass
+    multiplies per token when the LM head is skipped)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    import torch
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, gflops: float) -> float:
+    return tokens_per_s * flops_per_token / (gflops * 1e9)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def cpu_times() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
+def report(title: str, rows: Sequence[dict], output: Path | None, extra: dict | None = None) -> None:
+    """Print `rows` as a table (columns = the union of their keys, in first-seen order) and write them,
+    with `extra` (the machine's matmul rate, the model, ...), as JSON to `output`."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    for key, value in (extra or {}).items():
+        print(f"  {key}: {value}")
+    print("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({"title": title, **(extra or {}), "rows": list(rows)}, indent=2) + "\n")
+        print(f"  written to {output}")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)

@@ -1,0 +1,205 @@
+"""Batched sampling for the transformers backend, without the per-step waste of `generate`.
+
+What `model.generate(num_return_sequences=n, top_p=...)` spends its time on, on a CPU with a 262k vocabulary:
+- the prompt is copied n times before the forward pass, so a judge prompt of 600 tokens is computed k times;
+- top-p sorts the whole vocabulary for every row at every step;
+- finished rows keep being computed until the longest row ends, and stop strings are checked by decoding.
+
+Here the prompts are computed once and their cache is repeated n times; the nucleus is found among the
+top-K tokens (K grows until the nucleus fits, so the kept set is exactly top-p's); finished rows leave the
+batch. Each row draws its random numbers from its own generator, seeded from the caller's seed and the
+row's place in the call (prompt index, sample index), so what a row samples does not depend on which
+other rows share its batch: batch size, sorting and early exits change nothing but the speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+# Candidates examined first when looking for the top-p nucleus; grown 8x while the nucleus does not fit.
+FIRST_K = 64
+
+
+def row_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
+    """(rows, steps) uniform numbers in [0, 1); row r depends only on seeds[r]."""
+    rows = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed % (2**63))
+        rows.append(torch.rand(steps, generator=generator, dtype=torch.float64))
+    return torch.stack(rows) if rows else torch.empty(0, steps, dtype=torch.float64)
+
+
+def top_candidates(values: torch.Tensor, k: int, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk(values, k)` over the last dimension, faster for a wide vocabulary on a CPU.
+
+    The k largest values lie in the k blocks with the largest maxima (a block holding one of them has a
+    maximum at least as large as the k-th value, and at most k blocks do), so a pass of block maxima and a
+    top-k among k blocks replace a top-k over the whole vocabulary.
+    """
+    rows, width = values.shape
+    if width % block or width // block <= k:
+        return torch.topk(values, k, dim=-1)
+    blocks = torch.topk(values.view(rows, width // block, block).amax(dim=-1), k, dim=-1).indices
+    columns = (blocks.unsqueeze(-1) * block + torch.arange(block, device=values.device)).view(rows, -1)
+    top, where = torch.topk(values.gather(-1, columns), k, dim=-1)
+    return top, columns.gather(-1, where)
+
+
+def log_normaliser(logits: torch.Tensor, temperature: float, row_max: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """(rows, 1) log of the softmax denominator of `logits / temperature`, in float32.
+
+    Computed over column chunks, in place on each chunk's float32 copy: the temporaries stay small instead of
+    several full (rows, vocab) float32 tensors, whose memory traffic is most of a decoding step's sampling
+    cost with a 262k vocabulary.
+    """
+    total = torch.zeros(logits.shape[0], 1, dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[-1], chunk):
+        part = logits[:, start : start + chunk].to(torch.float32, copy=True)
+        total += part.sub_(row_max).mul_(1.0 / temperature).exp_().sum(dim=-1, keepdim=True)
+    return row_max / temperature + total.log()
+
+
+def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p over (rows, vocab) logits at `temperature`: (token ids, kept probabilities) per row, best first,
+    padded with zero probability. A token is kept when the mass of the tokens ranked above it is below
+    `top_p` (the rule of transformers' top-p warper), so at least one token is always kept. Only the
+    candidates are sorted; the whole vocabulary is read twice (block maxima, normaliser)."""
+    vocab = logits.shape[-1]
+    k = min(FIRST_K, vocab)
+    log_z = None
+    while True:
+        top, ids = top_candidates(logits, k)
+        if log_z is None:
+            log_z = log_normaliser(logits, temperature, top[:, :1].float())
+        values = torch.exp(top.float() / temperature - log_z)
+        if k == vocab or bool((values.sum(dim=-1) >= top_p).all()):
+            break
+        k = min(vocab, k * 8)
+    before = values.cumsum(dim=-1) - values
+    return ids, values.masked_fill(before >= top_p, 0.0)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of (rows, vocab) logits: greedy at temperature 0, else top-p sampling by inverse
+    transform of the row's uniform number."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    if top_p < 1.0:
+        ids, kept = nucleus(logits, temperature, top_p)
+    else:
+        kept, ids = torch.softmax(logits.float() / temperature, dim=-1), None
+    cumulative = kept.double().cumsum(dim=-1)
+    target = (uniforms.to(cumulative.dtype) * cumulative[:, -1]).unsqueeze(-1)
+    choice = torch.searchsorted(cumulative, target, right=True).clamp(max=kept.shape[-1] - 1)
+    if ids is None:
+        return choice.squeeze(-1)
+    # Never land on the zero-probability tail of a nucleus (possible only through rounding).
+    choice = torch.minimum(choice, (kept > 0).sum(dim=-1, keepdim=True) - 1)
+    return ids.gather(-1, choice).squeeze(-1)
+
+
+def sample(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    stopped: Callable[[list[int]], bool],
+    seeds: Sequence[int],
+) -> list[list[int]]:
+    """`n` continuations of each left-padded prompt row, as token lists in row-major order (prompt i's
+    sample j is row i * n + j), each ending at its first stop token (included) or when `stopped(tokens)`.
+
+    `seeds` holds one seed per output row. The prompts are computed once; their cache serves all n samples.
+    """
+    from transformers import DynamicCache
+
+    device = input_ids.device
+    rows = input_ids.shape[0] * n
+    outputs: list[list[int]] = [[] for _ in range(rows)]
+    if max_new_tokens <= 0 or rows == 0:
+        return outputs
+    uniforms = row_uniforms(seeds, max_new_tokens)
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    prefill = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+        use_cache=True, logits_to_keep=1,
+    )
+    logits = prefill.logits[:, -1, :].repeat_interleave(n, dim=0)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    attention_mask = attention_mask.repeat_interleave(n, dim=0)
+    position = positions[:, -1:].repeat_interleave(n, dim=0)
+    active = torch.arange(rows, device=device)
+    for step in range(max_new_tokens):
+        tokens = sample_tokens(logits, temperature, top_p, uniforms[active.cpu(), step]).tolist()
+        keep = []
+        for slot, (row, token) in enumerate(zip(active.tolist(), tokens)):
+            outputs[row].append(token)
+            if token not in stop_ids and not stopped(outputs[row]):
+                keep.append(slot)
+        if not keep or step == max_new_tokens - 1:
+            break
+        next_tokens = torch.tensor(tokens, device=device).unsqueeze(-1)
+        if len(keep) < len(tokens):  # finished rows leave the batch
+            slots = torch.tensor(keep, device=device)
+            cache.batch_select_indices(slots)
+            active, attention_mask, position, next_tokens = active[slots], attention_mask[slots], position[slots], next_tokens[slots]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(keep), 1)], dim=-1)
+        position = position + 1
+        logits = model(
+            input_ids=next_tokens, attention_mask=attention_mask, position_ids=position, past_key_values=cache, use_cache=True,
+        ).logits[:, -1, :]
+    return outputs
+
+
+# A common prefix shorter than this is computed with each row rather than once.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens that every row starts with, leaving at least one token of each row after them."""
+    shortest = min(len(row) for row in rows) - 1
+    length = 0
+    while length < shortest and all(row[length] == rows[0][length] for row in rows):
+        length += 1
+    return length
+
+
+def last_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """(rows, vocab) next-token logits after each token list, from one forward pass.
+
+    The rows' common prefix (the judge rubric, say) is computed once and its cache shared; the rest of each
+    row follows it right-padded, so every real token sits at its true position and never sees padding.
+    Only the last real position of each row goes through the LM head.
+    """
+    from transformers import DynamicCache
+
+    device = model.device
+    shared = shared_prefix_length(rows)
+    if shared < MIN_SHARED_PREFIX:
+        shared = 0
+    cache = DynamicCache(config=model.config)
+    decoder = model.get_decoder()
+    if shared:
+        decoder(input_ids=torch.tensor([list(rows[0][:shared])], device=device), past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(rows))
+    lengths = [len(row) - shared for row in rows]
+    width = max(lengths)
+    suffix = torch.tensor([list(row[shared:]) + [pad_id] * (width - length) for row, length in zip(rows, lengths)], device=device)
+    attention_mask = torch.ones(len(rows), shared + width, dtype=torch.long, device=device)
+    for r, length in enumerate(lengths):
+        attention_mask[r, shared + length :] = 0
+    positions = torch.arange(shared, shared + width, device=device).expand(len(rows), -1)
+    hidden = decoder(input_ids=suffix, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                     use_cache=True).last_hidden_state
+    last = hidden[torch.arange(len(rows), device=device), torch.tensor(lengths, device=device) - 1]
+    logits = model.get_output_embeddings()(last).float()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return softcap * torch.tanh(logits / softcap) if softcap else logits

@@ -1,0 +1,166 @@
+"""The fast sampler (`backends.decoding`) against a plain reference: same tokens on a fixed seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfreward.backends.base import Sampling
+from selfreward.backends.decoding import nucleus, row_uniforms, sample, sample_tokens, top_candidates
+from selfreward.recipe import BackendSection
+
+
+def hf_top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which tokens transformers' own top-p warper keeps (True = kept)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    warped = TopPLogitsWarper(top_p)(None, probs.log())
+    return warped > float("-inf")
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.999])
+def test_nucleus_keeps_exactly_the_tokens_transformers_top_p_keeps(top_p):
+    generator = torch.Generator().manual_seed(0)
+    # Peaked rows (nucleus inside the first candidates) and flat rows (the candidate set must grow).
+    logits = torch.cat([torch.randn(4, 5120, generator=generator) * 6, torch.randn(4, 5120, generator=generator) * 0.1])
+    probs = torch.softmax(logits, dim=-1)
+    ids, kept = nucleus(logits, 1.0, top_p)
+    ours = torch.zeros_like(probs, dtype=torch.bool)
+    for row in range(probs.shape[0]):
+        ours[row, ids[row][kept[row] > 0]] = True
+    assert torch.equal(ours, hf_top_p_mask(probs, top_p))
+
+
+@pytest.mark.parametrize("k", [1, 16, 300])
+def test_top_candidates_by_block_maxima_equal_torch_topk(k):
+    values = torch.randn(5, 256 * 64, generator=torch.Generator().manual_seed(k))
+    values[0, :300] = 10.0 + torch.arange(300) * 1e-3  # the largest values crowded into few blocks
+    top, ids = top_candidates(values, k)
+    expected_top, expected_ids = torch.topk(values, k)
+    assert torch.equal(top, expected_top) and torch.equal(ids, expected_ids)
+
+
+def reference_token(logits: torch.Tensor, temperature: float, top_p: float, u: float) -> int:
+    """The plain way: the full vocabulary sorted, transformers' top-p mask, inverse transform of u."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:  # the nucleus, best first
+        probs = probs * hf_top_p_mask(probs.unsqueeze(0), top_p)[0]
+        order = torch.argsort(probs, descending=True, stable=True)
+    else:  # the whole vocabulary, in vocabulary order
+        order = torch.arange(probs.shape[0])
+    cumulative = probs[order].double().cumsum(0)
+    index = int(torch.searchsorted(cumulative, torch.tensor([u * float(cumulative[-1])], dtype=torch.float64), right=True))
+    return int(order[min(index, int((probs > 0).sum()) - 1)])
+
+
+def reference_sample(model, prompt: list[int], temperature, top_p, max_new_tokens, stop_ids, stopped, seed) -> list[int]:
+    """One sequence at a time, no cache: the whole text is recomputed for every new token."""
+    uniforms = row_uniforms([seed], max_new_tokens)[0]
+    tokens: list[int] = []
+    for step in range(max_new_tokens):
+        logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, -1]
+        tokens.append(reference_token(logits, temperature, top_p, float(uniforms[step])))
+        if tokens[-1] in stop_ids or stopped(tokens):
+            break
+    return tokens
+
+
+def tiny_gemma(tokenizer_dir: str, tmp_path):
+    """A tiny random Gemma 3 with a sliding window shorter than the prompts (the embedded model's layout)."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(1)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "gemma")
+    tokenizer.save_pretrained(tmp_path / "gemma")
+    return model, tokenizer
+
+
+PROMPTS = ["Explain why the sky is blue.", "Hi", "Write a short poem about the sea and the wind in winter, please."]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
+def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_cache(tiny_model, tmp_path, temperature, top_p):
+    model, tokenizer = tiny_gemma(tiny_model, tmp_path)
+    encoded = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    tokenizer.padding_side = "left"
+    batch = tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
+    # Many stop ids (a random model's choices are spread thin), so that rows finish at different steps and
+    # leave the batch.
+    stop_ids = set(range(100, 160)) if temperature > 0 else set()
+    n, seeds = 3, [1000 + r for r in range(len(PROMPTS) * 3)]
+    with torch.inference_mode():
+        fast = sample(model, batch["input_ids"], batch["attention_mask"], n, temperature, top_p, 12, stop_ids, lambda t: False, seeds)
+        slow = [reference_sample(model, encoded[r // n], temperature, top_p, 12, stop_ids, lambda t: False, seeds[r])
+                for r in range(len(seeds))]
+    assert fast == slow
+    assert len({len(row) for row in fast}) > 1 or temperature == 0  # rows did finish at different steps
+
+
+def test_greedy_generation_equals_transformers_generate(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from selfreward.backends.transformers import TransformersBackend
+
+    backend = TransformersBackend(tiny_model, BackendSection(kind="transformers", dtype="float32", batch_size=8))
+    prompts = [backend.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+    ours = backend.generate(prompts, 1, Sampling(temperature=0, max_new_tokens=10))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for prompt, row in zip(prompts, ours):
+        ids = torch.tensor([backend.encode(prompt)])
+        out = model.generate(ids, do_sample=False, max_new_tokens=10, eos_token_id=list(backend.stop_ids), pad_token_id=0)
+        new = out[0, ids.shape[1]:].tolist()
+        assert row[0].text == backend._completion(new, Sampling(temperature=0)).text
+
+
+def test_sampled_completions_do_not_depend_on_batch_size_or_on_the_other_prompts(tiny_model):
+    from selfreward.backends.transformers import TransformersBackend
+
+    sampling = Sampling(temperature=0.9, top_p=0.9, max_new_tokens=10, seed=5)
+    runs = []
+    for batch_size in (2, 16):
+        backend = TransformersBackend(tiny_model, BackendSection(kind="transformers", dtype="float32", batch_size=batch_size))
+        prompts = [backend.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+        runs.append([[c.text for c in row] for row in backend.generate(prompts, 2, sampling)])
+    assert runs[0] == runs[1]
+    assert runs[0][0][0] != runs[0][0][1]  # the two samples of a prompt differ
+
+
+def test_stop_string_ends_generation_at_the_token_that_completes_it(tiny_model):
+    from selfreward.backends.transformers import TransformersBackend
+
+    backend = TransformersBackend(tiny_model, BackendSection(kind="transformers", dtype="float32", batch_size=4))
+    stopped = backend._stop_string_check(("Score: 3",))
+    tokens = backend.encode("Fine reasoning. Score: 3 and more")
+    cut = next(i for i in range(1, len(tokens) + 1) if stopped(tokens[:i]))
+    assert backend.tokenizer.decode(tokens[:cut]).endswith("Score: 3")
+    assert not stopped(backend.encode("Score: 4"))
+
+
+def test_sample_tokens_is_greedy_at_temperature_zero_and_follows_the_uniform_number():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    assert sample_tokens(logits, 0.0, 0.9, torch.zeros(2)).tolist() == [1, 0]
+    # With top_p = 1 the rows' cumulative probabilities split [0, 1) among the tokens in vocabulary order.
+    low, high = sample_tokens(logits, 1.0, 1.0, torch.tensor([0.0, 0.0])), sample_tokens(logits, 1.0, 1.0, torch.tensor([0.999, 0.999]))
+    assert low.tolist() == [0, 0] and high.tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_last_token_logits_equal_a_plain_forward_pass_of_each_prompt(tiny_model, tmp_path, shared):
+    from selfreward.backends.decoding import last_token_logits
+
+    model, tokenizer = tiny_gemma(tiny_model, tmp_path)
+    rubric = "Rate the response on a scale of 0 to 5, one point per criterion met. " if shared else ""
+    rows = [tokenizer(rubric + p + " Score:")["input_ids"] for p in PROMPTS]
+    with torch.inference_mode():
+        fast = last_token_logits(model, rows, tokenizer.pad_token_id)
+        plain = torch.stack([model(input_ids=torch.tensor([row])).logits[0, -1] for row in rows])
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
