@@ -70,7 +70,7 @@ def report(title: str, rows: Sequence[dict], output: Path | None, extra: dict | 
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print(f"\n{title}")
     for key, value in (extra or {}).items():
-        print(f"  {key}: {value}")
+        print(f"  {key}: {'(see the JSON)' if isinstance(value, dict) else value}")
     print("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for r in cells:
         print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))

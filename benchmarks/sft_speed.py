@@ -5,7 +5,9 @@
 Rows, each in its own process on the same seed data, seed and settings (the demo recipe's SFT section):
 - `trl head`: TRL's fused LM head as shipped (on a CPU it projects every position, prompts included);
 - `labels-only head`: ours (`selfreward.completion_head`): only positions whose label counts are projected;
-- `labels-only head, no grad. checkpointing`: the same without activation checkpointing (the recipe's
+- `+ allocator keeps freed memory`: and glibc keeps freed memory for reuse (`selfreward.allocator`, what
+  every `selfreward` command does) instead of paging large tensors in again at every step;
+- `+ no activation checkpointing`: and no activation checkpointing (the demo recipe's
   `gradient_checkpointing: false`; a 270M model's activations fit in memory many times over).
 Per row: training seconds (first step to last), tokens/s (every token of every batch, prompts included,
 as TRL counts them), MFU (tokens/s x 6 x parameters / the bf16 matmul rate measured in this run), the share
@@ -26,9 +28,10 @@ from pathlib import Path
 from benchmarks.common import cpu_times, matmul_gflops, mfu, parameters, peak_rss_gib, report
 
 ROWS = {
-    "trl head": {"labels_only": False, "gradient_checkpointing": True},
-    "labels-only head": {"labels_only": True, "gradient_checkpointing": True},
-    "labels-only head, no grad. checkpointing": {"labels_only": True, "gradient_checkpointing": False},
+    "trl head": {"labels_only": False, "keep_freed_memory": False, "gradient_checkpointing": True},
+    "labels-only head": {"labels_only": True, "keep_freed_memory": False, "gradient_checkpointing": True},
+    "+ allocator keeps freed memory": {"labels_only": True, "keep_freed_memory": True, "gradient_checkpointing": True},
+    "+ no activation checkpointing": {"labels_only": True, "keep_freed_memory": True, "gradient_checkpointing": False},
 }
 
 
@@ -37,6 +40,7 @@ def child(name: str, args) -> dict:
     from transformers import TrainerCallback
 
     from selfreward import completion_head
+    from selfreward.allocator import keep_freed_memory
     from selfreward.recipe import load_recipe
     from selfreward.seeds import load_seeds
     from selfreward.stages.sft import run_sft
@@ -44,6 +48,8 @@ def child(name: str, args) -> dict:
 
     recipe = load_recipe(Path(args.recipe))
     settings = ROWS[name]
+    if settings["keep_freed_memory"]:
+        keep_freed_memory()
     config = recipe.sft.model_copy(update={"gradient_checkpointing": settings["gradient_checkpointing"], "epochs": args.epochs,
                                            "save_steps": None, "save_minutes": None})
     ift, eft, _ = load_seeds(recipe.data, recipe.seed, recipe.limits)
@@ -82,7 +88,7 @@ def main() -> None:
     parser.add_argument("--model", default="embedded:gemma3-270m")
     parser.add_argument("--recipe", default="recipes/demo-cpu.yaml", help="whose data and sft sections to use")
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--only", default="", help="comma list of rows")
+    parser.add_argument("--only", default="", help="rows to run, separated by ';'")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/sft_speed.json"))
     args = parser.parse_args()
@@ -94,7 +100,7 @@ def main() -> None:
         return
     gflops = matmul_gflops("bfloat16")
     params = parameters(args.model)["total"]
-    names = [n for n in ROWS if not args.only or n in args.only.split(",")]
+    names = [n for n in ROWS if not args.only or n in args.only.split(";")]
     rows = []
     for name in names:
         command = [sys.executable, "-m", "benchmarks.sft_speed", "--child", name, "--model", args.model, "--recipe", args.recipe,

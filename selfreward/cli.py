@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from selfreward import allocator
 from selfreward.errors import UserError
 from selfreward.limits import MAX_INSTRUCTION_CHARS, MAX_RESPONSE_CHARS
 
@@ -32,6 +33,8 @@ VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log librar
 
 
 def _setup_logging(verbose: bool) -> None:
+    """Logging for a command, and the allocator setting every model-using command wants."""
+    allocator.keep_freed_memory()
     logging.basicConfig(
         level=logging.INFO, format="%(message)s", datefmt="[%X]",
         handlers=[RichHandler(console=console, show_path=False)], force=True,

@@ -22,3 +22,34 @@ def test_few_shot_prompt_numbers_the_examples_and_asks_for_the_next():
     prompt = few_shot_prompt(template, ["First\ntask", "Second task"])
     assert "Task 1: First task\nTask 2: Second task\n" in prompt
     assert prompt.rstrip().endswith("Task 3:")
+
+
+def test_samples_per_prompt_draws_several_candidates_from_each_few_shot_prompt(tmp_path):
+    from selfreward.backends.base import Backend, Completion
+    from selfreward.jsonl import read_jsonl
+    from selfreward.recipe import PromptsSection
+    from selfreward.stages.prompts import run_prompts
+
+    class Writer(Backend):
+        tokenizer = None
+        calls: list[tuple[int, int]] = []
+
+        def text_prompt(self, text):
+            return text
+
+        def generate(self, prompts, n, sampling):
+            self.calls.append((len(prompts), n))
+            return [[Completion(f"Describe animal number {i * n + j} in one line.", 8, True) for j in range(n)]
+                    for i, _ in enumerate(prompts)]
+
+        def next_token_probs(self, prompts, token_ids):
+            raise NotImplementedError
+
+    writer = Writer()
+    config = PromptsSection(count=30, round_size=10, samples_per_prompt=4, shots=2)
+    result = run_prompts(writer, ["Name a river.", "Write a poem.", "Explain tides."], config, tmp_path / "prompts.jsonl", 1,
+                         lambda number: number)
+    assert writer.calls[0] == (3, 4)  # ceil(10 / 4) few-shot prompts, 4 candidates each
+    rounds = read_jsonl(tmp_path / "prompts.rounds.jsonl")
+    assert [r["generated"] for r in rounds] == [10] * len(rounds)  # the 2 extra samples of a round are not used
+    assert result["prompts"] == len(read_jsonl(tmp_path / "prompts.jsonl")) > 0

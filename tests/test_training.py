@@ -77,3 +77,11 @@ def test_training_killed_mid_epoch_resumes_to_the_weights_and_steps_of_an_uninte
     base = weights(Path(tiny_model))
     assert any(not torch.equal(actual[name], base[name]) for name in base)  # training moved the weights
     assert not any("lora" in name for name in actual)  # adapters merged: a plain checkpoint
+
+
+def test_the_allocator_keeps_freed_memory_unless_told_not_to(monkeypatch):
+    from selfreward.allocator import keep_freed_memory
+
+    assert keep_freed_memory() is True  # Linux with glibc, as CI runs
+    monkeypatch.setenv("SELFREWARD_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from selfreward.allocator import keep_freed_memory
 from selfreward.recipe import load_recipe
 from selfreward.rundir import RunDir
 from selfreward.stages import BY_NAME, dpo, sft
@@ -22,6 +23,7 @@ TRAIN = {"sft": sft.train, "dpo": dpo.train}
 
 def main(argv: list[str]) -> None:
     stage, root, iteration, result_path = argv
+    keep_freed_memory()
     run_dir = RunDir(Path(root))
     recipe = load_recipe(run_dir.recipe_path)
     ctx = StageContext(recipe, run_dir, int(iteration), BY_NAME[stage].name, Models(recipe))
