@@ -38,8 +38,12 @@ class VllmSection(Section):
 class BackendSection(Section):
     kind: Literal["auto", "vllm", "transformers"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
-    # transformers backend: sequences (prompts x samples) per forward batch.
+    # transformers backend: sequences (prompts x samples) decoded together. Decoding wants many (every step
+    # reads the whole LM head, ~335 MB for a 262k vocabulary); reading prompts alone (expected-mode
+    # judging) wants batches of about `prefill_tokens` tokens, padding included, which keep the activations
+    # in cache (benchmarks/judge_modes.py).
     batch_size: int = Field(32, ge=1)
+    prefill_tokens: int = Field(4096, ge=1)
     # Data parallel on one node: this many engine replicas (processes, each with its own GPUs when there
     # are GPUs: vllm.tensor_parallel_size of them), each generating or judging one shard of the stage.
     data_parallel_size: int = Field(1, ge=1)

@@ -164,3 +164,14 @@ def test_last_token_logits_equal_a_plain_forward_pass_of_each_prompt(tiny_model,
         fast = last_token_logits(model, rows, tokenizer.pad_token_id)
         plain = torch.stack([model(input_ids=torch.tensor([row])).logits[0, -1] for row in rows])
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_token_batches_sort_by_length_and_respect_both_limits():
+    from selfreward.backends.transformers import token_batches
+
+    lengths = [50, 10, 300, 12, 11, 49]
+    batches = token_batches(lengths, max_rows=2, max_tokens=120)
+    assert batches == [[1, 4], [3, 5], [0], [2]]
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 120

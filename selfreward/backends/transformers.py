@@ -20,6 +20,19 @@ def row_seed(seed: int, prompt: int, sample: int) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
+def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices of `lengths` sorted by length and cut into batches of at most `max_rows` rows and about
+    `max_tokens` tokens with padding (a longer row gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[i] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 class TransformersBackend(Backend):
     def __init__(self, model_path: str, config, seed: int = 0, trust_remote_code: bool = False) -> None:
         import torch
@@ -30,6 +43,7 @@ class TransformersBackend(Backend):
         self.model = load_causal_lm(model_path, config.dtype, trust_remote_code, self.device).eval()
         self.stop_ids = stop_token_ids(self.tokenizer, model_path)
         self.batch_size = config.batch_size
+        self.prefill_tokens = config.prefill_tokens
         self.seed = seed
         self.chunk_prompts = max(8, config.batch_size)
 
@@ -95,10 +109,7 @@ class TransformersBackend(Backend):
         encoded = [self.encode(p) for p in prompts]
         results: list[list[float]] = [[] for _ in prompts]
         index = torch.tensor(list(token_ids), device=self.device)
-        # Sorted by length: little right padding in each batch.
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-        for start in range(0, len(order), self.batch_size):
-            indices = order[start : start + self.batch_size]
+        for indices in token_batches([len(e) for e in encoded], self.batch_size, self.prefill_tokens):
             with torch.inference_mode():
                 logits = last_token_logits(self.model, [encoded[i] for i in indices], self.tokenizer.pad_token_id or 0)
             for row, values in zip(indices, torch.softmax(logits, dim=-1)[:, index].tolist()):
