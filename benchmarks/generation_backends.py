@@ -44,14 +44,15 @@ def naive(model_path: str, prompts: int, n: int, sampling: Sampling) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
     loaded = time.perf_counter() - started
-    stop = [model.generation_config.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    eos = model.generation_config.eos_token_id
+    stop = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.convert_tokens_to_ids("<end_of_turn>")}
     torch.manual_seed(sampling.seed)
     generated, started = 0, time.perf_counter()
     for prompt in chats(tokenizer, prompts):
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(**ids, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=None,
-                                 max_new_tokens=sampling.max_new_tokens, num_return_sequences=n, eos_token_id=stop,
+                                 max_new_tokens=sampling.max_new_tokens, num_return_sequences=n, eos_token_id=sorted(stop),
                                  pad_token_id=tokenizer.pad_token_id)
         for row in out[:, ids["input_ids"].shape[1]:].tolist():
             generated += next((i for i, t in enumerate(row) if t in stop), len(row))

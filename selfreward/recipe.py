@@ -31,6 +31,9 @@ class VllmSection(Section):
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int | None = Field(None, ge=64)
     enforce_eager: bool = False
+    # Reuse the cache of a prompt prefix seen before (the judge rubric shared by every judge prompt, the
+    # few-shot header of self-instruct prompts) instead of computing it again.
+    enable_prefix_caching: bool = True
     # CPU only: GiB of memory for the KV cache (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = Field(4, ge=1)
 

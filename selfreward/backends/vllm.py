@@ -42,6 +42,7 @@ class VllmBackend(Backend):
             tensor_parallel_size=config.vllm.tensor_parallel_size,
             max_model_len=config.vllm.max_model_len,
             enforce_eager=config.vllm.enforce_eager,
+            enable_prefix_caching=config.vllm.enable_prefix_caching,
             trust_remote_code=trust_remote_code,
         )
 
