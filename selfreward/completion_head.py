@@ -103,10 +103,13 @@ def add_completion_head(model, chunk_elements: int = CHUNK_ELEMENTS) -> None:
 def install(trainer) -> bool:
     """On a device where TRL's head scores every position, give the trainer's model (and reference model)
     the label-positions-only head. Returns whether it did."""
+    import trl.trainer.utils
     from peft import PeftModel
 
     if trainer.accelerator.device.type in ("cuda", "xpu"):
         return False  # TRL's Triton head already projects label positions only
+    if not hasattr(trl.trainer.utils, "FusedCausalLMOutput"):
+        return False  # a TRL without a fused head computes the logits itself
     model = trainer.model.get_base_model() if isinstance(trainer.model, PeftModel) else trainer.model
     models = [model] + ([trainer.ref_model] if getattr(trainer, "ref_model", None) is not None else [])
     if not all(supported(m) for m in models):
