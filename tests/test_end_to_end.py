@@ -27,7 +27,9 @@ RECIPE = {
             "lora": {"enabled": True, "r": 16, "alpha": 32}},
     "prompts": {"model": "embedded:gemma3-270m", "count": 4, "max_new_tokens": 40},
     "responses": {"n": 4, "max_new_tokens": 48},
-    "judge": {"samples": 2, "max_new_tokens": 64, "unit_size": 8},  # two units: a kill can fall between them
+    # Room for the score line: a judgment cut before it is unscored, and a prompt needs two scored, unequal
+    # responses to give DPO a pair. Generation stops at `Score: N`, so the room costs little.
+    "judge": {"samples": 3, "max_new_tokens": 128, "unit_size": 8},  # two units: a kill can fall between them
     "dpo": {"learning_rate": 2e-5, "batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 256,
             "lora": {"enabled": True, "r": 8, "alpha": 16}},
 }
