@@ -172,6 +172,7 @@ def test_token_batches_sort_by_length_and_respect_both_limits():
     lengths = [50, 10, 300, 12, 11, 49]
     batches = token_batches(lengths, max_rows=2, max_tokens=120)
     assert batches == [[1, 4], [3, 5], [0], [2]]
+    assert token_batches(lengths, max_rows=4) == [[1, 4, 3, 5], [0, 2]]  # no token limit: rows only
     assert sorted(i for b in batches for i in b) == list(range(6))
     for batch in batches:
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 120

@@ -20,14 +20,16 @@ def row_seed(seed: int, prompt: int, sample: int) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
-    """Indices of `lengths` sorted by length and cut into batches of at most `max_rows` rows and about
-    `max_tokens` tokens with padding (a longer row gets a batch of its own)."""
+def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices of `lengths` sorted by length (little padding inside a batch) and cut into batches of at
+    most `max_rows` rows and, if given, about `max_tokens` tokens with padding (a longer row gets a batch
+    of its own)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     for i in order:
-        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[i] <= max_tokens:
-            batches[-1].append(i)
+        last = batches[-1] if batches else []
+        if last and len(last) < max_rows and (max_tokens is None or (len(last) + 1) * lengths[i] <= max_tokens):
+            last.append(i)
         else:
             batches.append([i])
     return batches
@@ -49,10 +51,7 @@ class TransformersBackend(Backend):
 
     def _batches(self, prompts: Sequence[str], per_batch: int):
         encoded = [self.encode(p) for p in prompts]
-        # Sorting by length keeps padding (wasted compute) small inside each batch.
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-        for start in range(0, len(order), per_batch):
-            indices = order[start : start + per_batch]
+        for indices in token_batches([len(e) for e in encoded], per_batch):
             batch = self.tokenizer.pad(
                 {"input_ids": [encoded[i] for i in indices]}, padding=True, return_tensors="pt"
             ).to(self.device)
