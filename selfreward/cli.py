@@ -32,8 +32,8 @@ IterationOption = Annotated[int, typer.Option("--iteration", "-t", min=1, help="
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages too.")]
 
 
-def _setup_logging(verbose: bool) -> None:
-    """Logging for a command, and the allocator setting every model-using command wants."""
+def _setup_command(verbose: bool) -> None:
+    """What every command sets up first: the allocator setting (`allocator.keep_freed_memory`), logging."""
     allocator.keep_freed_memory()
     logging.basicConfig(
         level=logging.INFO, format="%(message)s", datefmt="[%X]",
@@ -72,7 +72,7 @@ def _open(recipe_path: Path, output: Path, verbose: bool, check: bool = True):
     from selfreward.recipe import load_recipe
     from selfreward.rundir import RunDir
 
-    _setup_logging(verbose)
+    _setup_command(verbose)
     recipe = load_recipe(recipe_path)
     if check:
         check_inputs(recipe, str(recipe_path))
@@ -235,7 +235,7 @@ def judge(
         from selfreward.limits import limit_lengths
         from selfreward.templates import load_template
 
-        _setup_logging(verbose)
+        _setup_command(verbose)
         if output is None or model is None:
             raise UserError("judge: file mode needs --output and --model")
         if mode not in ("sampled", "expected"):
@@ -285,7 +285,7 @@ def judge_eval(
         from selfreward.evaluation import evaluate_judge
         from selfreward.judge import Judge
 
-        _setup_logging(verbose)
+        _setup_command(verbose)
         if ranked is None and pairs is None:
             raise UserError("judge-eval: give --ranked and/or --pairs")
         if mode not in ("sampled", "expected"):
@@ -328,7 +328,7 @@ def eft_build(
         from selfreward.judge import Judge
         from selfreward.seeds import judged_eft
 
-        _setup_logging(verbose)
+        _setup_command(verbose)
         prompts = load_ranked(ranked)[:limit]
         backend = _judge_opener(ctx)(model, None, "chat", "auto", "bfloat16", 8, 120.0)
         try:
