@@ -2,7 +2,7 @@
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it on
 free, so each large tensor a training or decoding step creates (logits chunks, activations) is paged in
-again, page by page: on the 2-core CPU machine that was ~20 % of SFT's CPU time spent in the kernel
+again, page by page: on the 2-core CPU machine 20-37 % of SFT's CPU time went to the kernel
 (benchmarks/sft_speed.py prints the share). Serving them from the heap and not trimming it makes later
 steps reuse the same pages, for a somewhat higher peak resident memory.
 """
