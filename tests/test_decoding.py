@@ -176,3 +176,36 @@ def test_token_batches_sort_by_length_and_respect_both_limits():
     assert sorted(i for b in batches for i in b) == list(range(6))
     for batch in batches:
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 120
+
+
+def test_reserved_cache_gives_the_logits_of_dynamic_cache_through_row_drops_and_the_sliding_window(tiny_model, tmp_path):
+    from transformers import DynamicCache
+
+    from selfreward.backends.kv_cache import reserved_cache
+
+    model, tokenizer = tiny_gemma(tiny_model, tmp_path)  # sliding window 6, prompts longer than it
+    tokenizer.padding_side = "left"
+    batch = tokenizer.pad({"input_ids": [tokenizer(p)["input_ids"] for p in PROMPTS]}, return_tensors="pt")
+    runs = []
+    for cache in (DynamicCache(config=model.config), reserved_cache(model.config, capacity=4)):  # capacity must grow
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = []
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(2)
+            mask, position = mask.repeat_interleave(2, dim=0), positions[:, -1:].repeat_interleave(2, dim=0)
+            token = out.logits[:, -1].argmax(-1).repeat_interleave(2).unsqueeze(-1)
+            for step in range(10):
+                if step == 4:  # two rows finish and leave the batch
+                    keep = torch.tensor([0, 2, 3, 5])
+                    cache.batch_select_indices(keep)
+                    mask, position, token = mask[keep], position[keep], token[keep]
+                mask, position = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=-1), position + 1
+                step_logits = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+                                    use_cache=True).logits[:, -1]
+                logits.append(step_logits)
+                token = step_logits.argmax(-1, keepdim=True)
+        runs.append(logits)
+    for dynamic, reserved in zip(*runs):
+        assert torch.equal(dynamic, reserved)

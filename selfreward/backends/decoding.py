@@ -41,23 +41,27 @@ def top_candidates(values: torch.Tensor, k: int, block: int = 256) -> tuple[torc
     rows, width = values.shape
     if width % block or width // block <= k:
         return torch.topk(values, k, dim=-1)
-    blocks = torch.topk(values.view(rows, width // block, block).amax(dim=-1), k, dim=-1).indices
-    columns = (blocks.unsqueeze(-1) * block + torch.arange(block, device=values.device)).view(rows, -1)
-    top, where = torch.topk(values.gather(-1, columns), k, dim=-1)
-    return top, columns.gather(-1, where)
+    blocks = values.view(rows, width // block, block)
+    chosen = torch.topk(blocks.amax(dim=-1), k, dim=-1).indices
+    gathered = blocks.gather(1, chosen.unsqueeze(-1).expand(-1, -1, block)).view(rows, k * block)
+    top, where = torch.topk(gathered, k, dim=-1)
+    return top, chosen.gather(-1, where // block) * block + where % block
 
 
-def log_normaliser(logits: torch.Tensor, temperature: float, row_max: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+def log_normaliser(logits: torch.Tensor, temperature: float, row_max: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """(rows, 1) log of the softmax denominator of `logits / temperature`, in float32.
 
-    Computed over column chunks, in place on each chunk's float32 copy: the temporaries stay small instead of
-    several full (rows, vocab) float32 tensors, whose memory traffic is most of a decoding step's sampling
-    cost with a 262k vocabulary.
+    Computed over column chunks in one reused float32 buffer (the subtraction of the row maximum is also the
+    cast): the temporaries stay in cache instead of several full (rows, vocab) float32 tensors, whose memory
+    traffic is most of a decoding step's sampling cost with a 262k vocabulary.
     """
     total = torch.zeros(logits.shape[0], 1, dtype=torch.float32, device=logits.device)
+    buffer = torch.empty(logits.shape[0], min(chunk, logits.shape[-1]), dtype=torch.float32, device=logits.device)
     for start in range(0, logits.shape[-1], chunk):
-        part = logits[:, start : start + chunk].to(torch.float32, copy=True)
-        total += part.sub_(row_max).mul_(1.0 / temperature).exp_().sum(dim=-1, keepdim=True)
+        part = logits[:, start : start + chunk]
+        shifted = buffer[:, : part.shape[-1]]
+        torch.sub(part, row_max, out=shifted)
+        total += shifted.mul_(1.0 / temperature).exp_().sum(dim=-1, keepdim=True)
     return row_max / temperature + total.log()
 
 
@@ -65,18 +69,30 @@ def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[tor
     """Top-p over (rows, vocab) logits at `temperature`: (token ids, kept probabilities) per row, best first,
     padded with zero probability. A token is kept when the mass of the tokens ranked above it is below
     `top_p` (the rule of transformers' top-p warper), so at least one token is always kept. Only the
-    candidates are sorted; the whole vocabulary is read twice (block maxima, normaliser)."""
-    vocab = logits.shape[-1]
-    k = min(FIRST_K, vocab)
-    log_z = None
-    while True:
-        top, ids = top_candidates(logits, k)
-        if log_z is None:
-            log_z = log_normaliser(logits, temperature, top[:, :1].float())
-        values = torch.exp(top.float() / temperature - log_z)
-        if k == vocab or bool((values.sum(dim=-1) >= top_p).all()):
+    candidates are sorted; the whole vocabulary is read twice (block maxima, normaliser).
+
+    The candidate set grows row by row: most rows' nuclei hold a few tokens, and a row whose nucleus holds
+    thousands (a flat distribution) must not make every other row of the batch sort thousands too.
+    """
+    rows, vocab = logits.shape
+    top, ids = top_candidates(logits, min(FIRST_K, vocab))
+    log_z = log_normaliser(logits, temperature, top[:, :1].float())
+    values = torch.exp(top.float() / temperature - log_z)
+    groups = [(torch.arange(rows, device=logits.device), ids, values)]
+    pending = groups[0]
+    while pending[1].shape[-1] < vocab:
+        short = (pending[2].sum(dim=-1) < top_p).nonzero().squeeze(-1)
+        if not len(short):
             break
-        k = min(vocab, k * 8)
+        where = pending[0][short]
+        top, ids = top_candidates(logits[where], min(vocab, pending[1].shape[-1] * 8))
+        pending = (where, ids, torch.exp(top.float() / temperature - log_z[where]))
+        groups.append(pending)
+    ids, values = groups[0][1], groups[0][2]
+    for where, wider_ids, wider_values in groups[1:]:  # widen to the largest set, then overwrite its rows
+        pad = wider_ids.shape[-1] - ids.shape[-1]
+        ids = torch.nn.functional.pad(ids, (0, pad)).index_copy(0, where, wider_ids)
+        values = torch.nn.functional.pad(values, (0, pad)).index_copy(0, where, wider_values)
     before = values.cumsum(dim=-1) - values
     return ids, values.masked_fill(before >= top_p, 0.0)
 
@@ -117,7 +133,7 @@ def sample(
 
     `seeds` holds one seed per output row. The prompts are computed once; their cache serves all n samples.
     """
-    from transformers import DynamicCache
+    from selfreward.backends.kv_cache import reserved_cache
 
     device = input_ids.device
     rows = input_ids.shape[0] * n
@@ -125,7 +141,7 @@ def sample(
     if max_new_tokens <= 0 or rows == 0:
         return outputs
     uniforms = row_uniforms(seeds, max_new_tokens)
-    cache = DynamicCache(config=model.config)
+    cache = reserved_cache(model.config, input_ids.shape[1] + max_new_tokens)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     prefill = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
