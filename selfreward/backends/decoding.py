@@ -78,20 +78,15 @@ def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[tor
     top, ids = top_candidates(logits, min(FIRST_K, vocab))
     log_z = log_normaliser(logits, temperature, top[:, :1].float())
     values = torch.exp(top.float() / temperature - log_z)
-    groups = [(torch.arange(rows, device=logits.device), ids, values)]
-    pending = groups[0]
-    while pending[1].shape[-1] < vocab:
-        short = (pending[2].sum(dim=-1) < top_p).nonzero().squeeze(-1)
-        if not len(short):
+    where = torch.arange(rows, device=logits.device)
+    while ids.shape[-1] < vocab:
+        where = where[values[where].sum(dim=-1) < top_p]  # rows whose nucleus is not inside their candidates
+        if not len(where):
             break
-        where = pending[0][short]
-        top, ids = top_candidates(logits[where], min(vocab, pending[1].shape[-1] * 8))
-        pending = (where, ids, torch.exp(top.float() / temperature - log_z[where]))
-        groups.append(pending)
-    ids, values = groups[0][1], groups[0][2]
-    for where, wider_ids, wider_values in groups[1:]:  # widen to the largest set, then overwrite its rows
-        pad = wider_ids.shape[-1] - ids.shape[-1]
-        ids = torch.nn.functional.pad(ids, (0, pad)).index_copy(0, where, wider_ids)
+        top, wider = top_candidates(logits[where], min(vocab, ids.shape[-1] * 8))
+        pad = wider.shape[-1] - ids.shape[-1]  # every row widens to the new width; only `where` gets new candidates
+        ids = torch.nn.functional.pad(ids, (0, pad)).index_copy(0, where, wider)
+        wider_values = torch.exp(top.float() / temperature - log_z[where])
         values = torch.nn.functional.pad(values, (0, pad)).index_copy(0, where, wider_values)
     before = values.cumsum(dim=-1) - values
     return ids, values.masked_fill(before >= top_p, 0.0)
