@@ -1,7 +1,9 @@
-"""What every benchmark shares: the machine's measured bf16 matmul rate (the denominator of MFU), model
+"""What every benchmark shares: the machine's measured matmul rate (the denominator of MFU), model
 FLOPs per token, peak memory of a child process, and the printed table plus JSON file of results.
 
-MFU (model FLOPs utilisation) = tokens/s x FLOPs per token / the bf16 matmul rate measured in the same run:
+MFU (model FLOPs utilisation) = tokens/s x FLOPs per token / the matmul rate measured in the same run, in
+the format the pipeline computes in on this machine (`COMPUTE_DTYPE`: bf16 where the hardware has it,
+else fp32; see selfreward/precision.py):
 2 x parameters per token for a forward pass, 6 x for training (the usual convention; a path that skips
 work, such as the LM head on prompt positions, counts the FLOPs it skipped as if done, and its table says so).
 """
@@ -14,8 +16,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from selfreward.precision import inference_dtype
 
-def matmul_gflops(dtype: str = "bfloat16", size: int = 2048, seconds: float = 3.0) -> float:
+
+# What `backend.dtype: auto` loads models in here; benchmarks load in it too and measure its matmul rate.
+COMPUTE_DTYPE = inference_dtype("auto")
+
+
+def matmul_gflops(dtype: str = COMPUTE_DTYPE, size: int = 2048, seconds: float = 3.0) -> float:
     """Sustained GFLOP/s of square `size` matmuls in `dtype` on all the cores torch uses."""
     import torch
 

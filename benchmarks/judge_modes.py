@@ -5,8 +5,8 @@ mode vs sampled mode with 1 and with k samples; seconds per 100 items and agreem
 
 `--ranked` takes human-ranked responses (oasst1 JSONL, as `selfreward judge-eval` reads them); every response
 of the first `--prompts` prompts is one item. The plain script is what one would write by hand: batches of 4
-prompts sorted by length, one bf16 forward pass with the logits of every position, the six digit
-probabilities at the last one. Expected mode must agree with it (same scores up to bf16 rounding: the
+prompts sorted by length, one forward pass with the logits of every position, the six digit
+probabilities at the last one. Expected mode must agree with it (same scores up to rounding: the
 `max_abs_diff_vs_plain` and `mean_abs_diff_vs_plain` columns). MFU counts prompt tokens at 2 x parameters per token (`mfu`); expected
 mode skips the LM head except at the last position, so `mfu_computed` also gives the share with the
 FLOPs it really does (2 x non-embedding parameters per token). Sampled rows report the Spearman correlation
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from benchmarks.common import matmul_gflops, mfu, parameters, report
+from benchmarks.common import COMPUTE_DTYPE, matmul_gflops, mfu, parameters, report
 from selfreward.backends import Sampling, open_backend
 from selfreward.evaluation import load_ranked
 from selfreward.judge import SCORES, Judge, JudgeItem
@@ -67,9 +67,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/judge_modes.json"))
     args = parser.parse_args()
     model = resolve_model(args.model)
-    gflops = matmul_gflops("bfloat16")
+    gflops = matmul_gflops()
     params = parameters(model)
-    backend = open_backend(model, BackendSection(kind="transformers", dtype="bfloat16", batch_size=args.batch_size))
+    backend = open_backend(model, BackendSection(kind="transformers", batch_size=args.batch_size))
     items = [JudgeItem(p.instruction, r) for p in load_ranked(args.ranked)[: args.prompts] for r in p.responses]
     expected = Judge(backend, mode="expected")
     prompts = [expected.prompt(item) + "Score: " for item in items]
@@ -103,7 +103,7 @@ def main() -> None:
         row["vs_plain"] = row["seconds"] / plain_s
     sampled = rows[2:]
     report("(b) judging: the same items in each mode", rows, args.output, {
-        "model": args.model, "items": len(items), "prompt_tokens": prompt_tokens, "bf16_matmul_gflops": round(gflops, 1),
+        "model": args.model, "items": len(items), "prompt_tokens": prompt_tokens, "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE,
         "parameters": params, "sampled_k_over_k1_time": sampled[1]["seconds"] / sampled[0]["seconds"],
         "command": " ".join(sys.argv),
     })

@@ -10,7 +10,7 @@ Rows, each in its own process on the same seed data, seed and settings (the demo
 - `+ no activation checkpointing`: and no activation checkpointing (the demo recipe's
   `gradient_checkpointing: false`; a 270M model's activations fit in memory many times over).
 Per row: training seconds (first step to last), tokens/s (every token of every batch, prompts included,
-as TRL counts them), MFU (tokens/s x 6 x parameters / the bf16 matmul rate measured in this run), the share
+as TRL counts them), MFU (tokens/s x 6 x parameters / the matmul rate measured in this run), the share
 of CPU time spent in the kernel, peak memory, and the largest difference of any logged step loss from the
 first row's (equal loss curves = the change is only about speed).
 """
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import cpu_times, matmul_gflops, mfu, parameters, peak_rss_gib, report
+from benchmarks.common import COMPUTE_DTYPE, cpu_times, matmul_gflops, mfu, parameters, peak_rss_gib, report
 
 ROWS = {
     "trl head": {"labels_only": False, "keep_freed_memory": False, "gradient_checkpointing": True},
@@ -98,7 +98,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
-    gflops = matmul_gflops("bfloat16")
+    gflops = matmul_gflops()
     params = parameters(args.model)["total"]
     names = [n for n in ROWS if not args.only or n in args.only.split(";")]
     rows = []
@@ -114,7 +114,7 @@ def main() -> None:
     losses = {row["row"]: row.pop("losses") for row in rows}
     report("(d) SFT: tokens per second before and after the LM-head change", rows, args.output, {
         "model": args.model, "recipe": args.recipe, "epochs": args.epochs, "parameters": params,
-        "bf16_matmul_gflops": round(gflops, 1), "losses": losses, "command": " ".join(sys.argv),
+        "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE, "losses": losses, "command": " ".join(sys.argv),
     })
 
 

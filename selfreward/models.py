@@ -177,10 +177,9 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except (OSError, ValueError) as error:  # ValueError: a config transformers cannot make sense of
         raise UserError(f"model '{path}': cannot load ({first_line(error)})") from None

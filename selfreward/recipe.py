@@ -40,7 +40,9 @@ class VllmSection(Section):
 
 class BackendSection(Section):
     kind: Literal["auto", "vllm", "transformers"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    # auto: bfloat16 where the GPU or CPU computes it natively, else float16 (GPU) or float32 (CPU): on a
+    # CPU without AVX-512/AMX, bf16 is emulated and ~100x slower than float32 (selfreward/precision.py).
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # transformers backend: sequences (prompts x samples) decoded together. Decoding wants many (every step
     # reads the whole LM head, ~335 MB for a 262k vocabulary); reading prompts alone (expected-mode
     # judging) wants batches of about `prefill_tokens` tokens, padding included, which keep the activations
@@ -70,6 +72,7 @@ class TrainSection(Section):
     # Extra scheduler arguments, e.g. {min_lr: 1.1e-6} for cosine_with_min_lr.
     lr_scheduler_kwargs: dict[str, float] = {}
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    # auto: bf16 autocast where the hardware computes bf16 natively, fp32 elsewhere (see backend.dtype).
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = True
     # A resumable trainer checkpoint (model, optimizer, scheduler, RNG) is saved every `save_steps` optimizer

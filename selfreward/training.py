@@ -25,18 +25,17 @@ from typing import Any
 from selfreward.errors import UserError
 from selfreward.jsonl import write_json_atomic
 from selfreward.models import load_causal_lm, load_tokenizer, save_checkpoint
+from selfreward.precision import train_in_bf16
 from selfreward.recipe import LauncherSection, TrainSection
 
 log = logging.getLogger(__name__)
 
 
 def precision_args(precision: str) -> dict[str, Any]:
-    """bf16 where the hardware has it; on CPU, TRL needs use_cpu=True (bf16 autocast still helps there)."""
+    """bf16 autocast where the hardware computes it natively (see `precision`); on CPU, TRL needs use_cpu=True."""
     import torch
 
-    on_gpu = torch.cuda.is_available()
-    bf16 = precision == "bf16" or precision == "auto" and (not on_gpu or torch.cuda.is_bf16_supported())
-    return {"bf16": bf16, "use_cpu": not on_gpu}
+    return {"bf16": train_in_bf16(precision), "use_cpu": not torch.cuda.is_available()}
 
 
 def trainer_args(config: TrainSection, work_dir: Path, seed: int, group_by_length: bool = False) -> dict[str, Any]:

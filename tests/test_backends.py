@@ -53,3 +53,30 @@ def test_auto_backend_is_transformers_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert choose_kind("auto") == "transformers"
+
+
+def test_auto_dtype_loads_bf16_only_where_the_cpu_computes_it_natively(tiny_model):
+    import torch
+
+    from selfreward.precision import cpu_has_fast_bf16, inference_dtype
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    backend = open_backend(tiny_model, BackendSection(kind="transformers", batch_size=8))  # dtype: auto
+    try:
+        expected = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        assert backend.model.dtype == expected and backend.dtype == str(expected).removeprefix("torch.")
+    finally:
+        backend.close()
+    assert inference_dtype("float16", "cpu") == "float16"  # an explicit choice is kept
+    assert inference_dtype("auto", "cpu") == ("bfloat16" if cpu_has_fast_bf16() else "float32")
+
+
+def test_emulated_bf16_on_a_cpu_warns_and_training_precision_follows_the_hardware(caplog):
+    from selfreward.precision import cpu_has_fast_bf16, inference_dtype, train_in_bf16
+
+    with caplog.at_level("WARNING", logger="selfreward.precision"):
+        inference_dtype("bfloat16", "cpu")
+    assert ("emulated" in caplog.text) == (not cpu_has_fast_bf16())
+    assert train_in_bf16("bf16", "cpu") and not train_in_bf16("fp32", "cpu")
+    assert train_in_bf16("auto", "cpu") == cpu_has_fast_bf16()

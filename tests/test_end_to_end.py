@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 RECIPE = {
     "seed": 0, "iterations": 1,
     "model": {"base": "embedded:gemma3-270m"},
-    "backend": {"kind": "transformers", "dtype": "bfloat16", "batch_size": 16},
+    "backend": {"kind": "transformers", "batch_size": 16},
     "data": {"ift": "data/ift.jsonl", "eft": "data/eft.jsonl", "max_ift": 8, "max_eft": 16},
     "sft": {"epochs": 1, "learning_rate": 2e-4, "batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 512,
             "lora": {"enabled": True, "r": 16, "alpha": 32}},

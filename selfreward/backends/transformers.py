@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from selfreward.backends.base import Backend, Completion, Sampling, cut_at_stop
 from selfreward.models import load_causal_lm, load_tokenizer, stop_token_ids
+from selfreward.precision import inference_dtype
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class TransformersBackend(Backend):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.tokenizer.padding_side = "left"
-        self.model = load_causal_lm(model_path, config.dtype, trust_remote_code, self.device).eval()
+        self.dtype = inference_dtype(config.dtype, self.device)
+        self.model = load_causal_lm(model_path, self.dtype, trust_remote_code, self.device).eval()
         self.stop_ids = stop_token_ids(self.tokenizer, model_path)
         self.batch_size = config.batch_size
         self.prefill_tokens = config.prefill_tokens

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from selfreward.backends.base import Backend, Completion, Sampling, cut_at_stop
 from selfreward.models import load_tokenizer, stop_token_ids
+from selfreward.precision import inference_dtype
 
 log = logging.getLogger(__name__)
 # vLLM reports logprobs only for the top tokens; the judge's six score tokens are usually among them.
@@ -36,7 +37,7 @@ class VllmBackend(Backend):
         self.seed = seed
         self.llm = LLM(
             model=model_path,
-            dtype=config.dtype,
+            dtype=inference_dtype(config.dtype),
             seed=seed,
             gpu_memory_utilization=config.vllm.gpu_memory_utilization,
             tensor_parallel_size=config.vllm.tensor_parallel_size,
