@@ -41,7 +41,7 @@ class VllmSection(Section):
 class BackendSection(Section):
     kind: Literal["auto", "vllm", "transformers"] = "auto"
     # auto: bfloat16 where the GPU or CPU computes it natively, else float16 (GPU) or float32 (CPU): on a
-    # CPU without AVX-512/AMX, bf16 is emulated and ~100x slower than float32 (selfreward/precision.py).
+    # CPU without AVX-512/AMX, bf16 is emulated and several times slower than float32 (selfreward/precision.py).
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # transformers backend: sequences (prompts x samples) decoded together. Decoding wants many (every step
     # reads the whole LM head, ~335 MB for a 262k vocabulary); reading prompts alone (expected-mode
