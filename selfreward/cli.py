@@ -243,7 +243,7 @@ def judge(
         items = cli_judge.load_items(input)  # all of it, before the model is even looked at
         items, _ = limit_lengths(items, max_instruction_chars, max_response_chars, "judged")  # logs the counts
         text = load_template(str(template) if template else None, "judge.txt", ("instruction", "response"))
-        judge_backend = _judge_opener(ctx)(model, endpoint, api, backend, "auto", concurrency, timeout)
+        judge_backend = _judge_opener(ctx)(model, endpoint, api, backend, concurrency, timeout)
         try:
             scorer = Judge(judge_backend, text, mode, samples, cli_judge.sampling(temperature, top_p, max_new_tokens, seed))
             result = scorer.score_file(items, output)
@@ -295,7 +295,7 @@ def judge_eval(
         evaluate_judge(None, ranked, pairs, limit)  # validates the data before any model load
         scorer, judge_backend = None, None
         if model:
-            judge_backend = _judge_opener(ctx)(model, endpoint, api, backend, "auto", 8, 120.0)
+            judge_backend = _judge_opener(ctx)(model, endpoint, api, backend, 8, 120.0)
             scorer = Judge(judge_backend, None, mode, samples, cli_judge.sampling(temperature, top_p, max_new_tokens, seed))
         try:
             cli_judge.write_report(report_path, evaluate_judge(
@@ -330,7 +330,7 @@ def eft_build(
 
         _setup_command(verbose)
         prompts = load_ranked(ranked)[:limit]
-        backend = _judge_opener(ctx)(model, None, "chat", "auto", "auto", 8, 120.0)
+        backend = _judge_opener(ctx)(model, None, "chat", "auto", 8, 120.0)
         try:
             judge = Judge(backend, None, "sampled", samples, cli_judge.sampling(0.7, 0.9, max_new_tokens, 0))
             records, kept = judged_eft(judge, prompts)

@@ -35,9 +35,10 @@ def load_items(path: Path) -> list[dict[str, Any]]:
 
 
 def open_judge_backend(
-    model: str, endpoint: str | None, api: str, backend: str, dtype: str, concurrency: int, timeout: float
+    model: str, endpoint: str | None, api: str, backend: str, concurrency: int, timeout: float
 ) -> Backend:
-    """A local model in a backend, or an OpenAI-compatible endpoint serving `model`."""
+    """A local model in a backend (in the recipe's default dtype, `auto`), or an OpenAI-compatible endpoint
+    serving `model`."""
     from selfreward.models import load_tokenizer, resolve_model
 
     if endpoint:
@@ -47,7 +48,7 @@ def open_judge_backend(
         if api == "completions":
             tokenizer = load_tokenizer(resolve_model(model))
         return HttpBackend(endpoint, model, api=api, concurrency=concurrency, timeout=timeout, tokenizer=tokenizer)
-    return open_backend(resolve_model(model), BackendSection(kind=backend, dtype=dtype))
+    return open_backend(resolve_model(model), BackendSection(kind=backend))
 
 
 def sampling(temperature: float, top_p: float, max_new_tokens: int, seed: int) -> Sampling:

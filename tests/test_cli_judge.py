@@ -18,7 +18,7 @@ class Opener:
     def __init__(self, tiny_model: str) -> None:
         self.tiny_model, self.calls = tiny_model, []
 
-    def __call__(self, model, endpoint, api, backend, dtype, concurrency, timeout):
+    def __call__(self, model, endpoint, api, backend, concurrency, timeout):
         self.calls.append(model)
         return ScriptedJudge(open_backend(self.tiny_model, BackendSection(kind="transformers", dtype="float32")))
 

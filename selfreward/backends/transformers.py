@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from selfreward.backends.base import Backend, Completion, Sampling, cut_at_stop
 from selfreward.models import load_causal_lm, load_tokenizer, stop_token_ids
-from selfreward.precision import inference_dtype
+from selfreward.precision import default_device, inference_dtype
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,7 @@ def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int | None 
 
 class TransformersBackend(Backend):
     def __init__(self, model_path: str, config, seed: int = 0, trust_remote_code: bool = False) -> None:
-        import torch
-
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = default_device()
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.tokenizer.padding_side = "left"
         self.dtype = inference_dtype(config.dtype, self.device)
