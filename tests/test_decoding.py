@@ -153,29 +153,97 @@ def test_sample_tokens_is_greedy_at_temperature_zero_and_follows_the_uniform_num
     assert low.tolist() == [0, 0] and high.tolist() == [2, 2]
 
 
+RUBRIC = "Rate the response on a scale of 0 to 5, one point per criterion met. "
+# Two answers to one long instruction: rows that share more than the rubric.
+SAME_INSTRUCTION = [RUBRIC + "Describe the water cycle in detail, step by step, for a class of ten year olds. " + a
+                    for a in ("Water evaporates, condenses and falls.", "Rain.")]
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_last_token_logits_equal_a_plain_forward_pass_of_each_prompt(tiny_model, tmp_path, shared):
     from selfreward.backends.decoding import last_token_logits
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
-    rubric = "Rate the response on a scale of 0 to 5, one point per criterion met. " if shared else ""
-    rows = [tokenizer(rubric + p + " Score:")["input_ids"] for p in PROMPTS]
+    rows = [tokenizer((RUBRIC if shared else "") + p + " Score:")["input_ids"] for p in PROMPTS]
     with torch.inference_mode():
         fast = last_token_logits(model, rows, tokenizer.pad_token_id)
         plain = torch.stack([model(input_ids=torch.tensor([row])).logits[0, -1] for row in rows])
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_token_batches_sort_by_length_and_respect_both_limits():
+def test_last_token_logits_from_a_call_wide_prefix_equal_a_plain_forward_pass(tiny_model, tmp_path):
+    """A prefix computed once for all rows, then batches of them: one whose rows share more than it (the
+    instruction, computed once more for the batch), one whose rows share only it, and a single row."""
+    from selfreward.backends.decoding import last_token_logits, shared_prefix
+
+    model, tokenizer = tiny_gemma(tiny_model, tmp_path)
+    rows = [tokenizer(text + " Score:")["input_ids"] for text in SAME_INSTRUCTION + [RUBRIC + p for p in PROMPTS]]
+    with torch.inference_mode():
+        prefix = shared_prefix(model, rows)
+        assert prefix is not None and prefix.length >= len(tokenizer(RUBRIC)["input_ids"]) - 1
+        fast = torch.cat([last_token_logits(model, [rows[i] for i in batch], tokenizer.pad_token_id, prefix)
+                          for batch in ([0, 1], [2, 3, 4], [1])])
+        plain = torch.stack([model(input_ids=torch.tensor([rows[i]])).logits[0, -1] for i in (0, 1, 2, 3, 4, 1)])
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_next_token_probs_do_not_depend_on_how_prompts_are_batched(tiny_model, tmp_path):
+    from selfreward.backends.transformers import TransformersBackend
+
+    model, tokenizer = tiny_gemma(tiny_model, tmp_path)
+    prompts = SAME_INSTRUCTION + [RUBRIC + p for p in PROMPTS] + ["Unrelated prompt without the rubric."]
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.convert_ids_to_tokens(list(range(5, 11)))]
+    with torch.inference_mode():
+        plain = [torch.softmax(model(input_ids=torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]])).logits[0, -1], -1)[ids].tolist()
+                 for p in prompts]
+    for batch_size, prefill_tokens in ((1, 4096), (8, 4096), (8, 40)):
+        backend = TransformersBackend(str(tmp_path / "gemma"), BackendSection(
+            kind="transformers", dtype="float32", batch_size=batch_size, prefill_tokens=prefill_tokens))
+        torch.testing.assert_close(torch.tensor(backend.next_token_probs(prompts, ids)), torch.tensor(plain), rtol=1e-5, atol=1e-6)
+        # Alone, with the rubric shared by the rest of a call, or not: the same probabilities.
+        torch.testing.assert_close(torch.tensor(backend.next_token_probs(prompts[2:3], ids)), torch.tensor(plain[2:3]), rtol=1e-5, atol=1e-6)
+
+
+def test_padded_batches_choose_the_cheapest_cuts_within_both_limits():
+    import itertools
+    import random
+
+    from selfreward.backends.transformers import padded_batches
+
+    def cost(batches, lengths, overhead):
+        return sum(len(b) * max(lengths[i] for i in b) + overhead for b in batches)
+
+    generator = random.Random(0)
+    for trial in range(40):
+        lengths = [generator.choice([5, 6, 40, 41, 42, 300]) + generator.randrange(3) for _ in range(generator.randrange(1, 8))]
+        max_rows, max_tokens, overhead = generator.choice([2, 3, 8]), generator.choice([50, 200, 4096]), generator.choice([0, 10, 100])
+        batches = padded_batches(lengths, max_rows, max_tokens, overhead)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for batch in batches:
+            assert len(batch) == 1 or (len(batch) <= max_rows and len(batch) * max(lengths[i] for i in batch) <= max_tokens)
+        # Against every way of cutting the length-sorted rows into consecutive batches within the limits.
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = float("inf")
+        for cuts in itertools.product([False, True], repeat=len(order) - 1):
+            split, start = [], 0
+            for position, cut in enumerate(cuts, 1):
+                if cut:
+                    split.append(order[start:position])
+                    start = position
+            split.append(order[start:])
+            if all(len(b) == 1 or (len(b) <= max_rows and len(b) * max(lengths[i] for i in b) <= max_tokens) for b in split):
+                best = min(best, cost(split, lengths, overhead))
+        assert cost(batches, lengths, overhead) == best
+    # Padding a short row to a long one costs more than a pass: they are cut apart, the alike kept together.
+    assert padded_batches([10, 11, 400, 401], 8, 4096, overhead=32) == [[0, 1], [2, 3]]
+
+
+def test_token_batches_sort_by_length_and_fill_each_batch():
     from selfreward.backends.transformers import token_batches
 
     lengths = [50, 10, 300, 12, 11, 49]
-    batches = token_batches(lengths, max_rows=2, max_tokens=120)
-    assert batches == [[1, 4], [3, 5], [0], [2]]
-    assert token_batches(lengths, max_rows=4) == [[1, 4, 3, 5], [0, 2]]  # no token limit: rows only
-    assert sorted(i for b in batches for i in b) == list(range(6))
-    for batch in batches:
-        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 120
+    assert token_batches(lengths, max_rows=4) == [[1, 4, 3, 5], [0, 2]]
+    assert token_batches(lengths, max_rows=2) == [[1, 4], [3, 5], [0, 2]]
 
 
 def test_reserved_cache_gives_the_logits_of_dynamic_cache_through_row_drops_and_the_sliding_window(tiny_model, tmp_path):

@@ -14,7 +14,9 @@ other rows share its batch: batch size, sorting and early exits change nothing b
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -183,33 +185,63 @@ def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def last_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+@dataclass
+class Prefix:
+    """A computed start that rows share: its length and its cache, which `last_token_logits` copies."""
+
+    length: int
+    cache: object
+
+
+def _extend(model, cache, tokens: Sequence[int], start: int) -> None:
+    """Compute `tokens` (one row, positions from `start`) into `cache`."""
+    device = model.device
+    model.get_decoder()(
+        input_ids=torch.tensor([list(tokens)], device=device), past_key_values=cache, use_cache=True,
+        position_ids=torch.arange(start, start + len(tokens), device=device).unsqueeze(0),
+    )
+
+
+def shared_prefix(model, rows: Sequence[Sequence[int]]) -> Prefix | None:
+    """The rows' common start (a judge rubric, say) computed once, or None if it is too short to pay."""
+    from transformers import DynamicCache
+
+    length = shared_prefix_length(rows)
+    if length < MIN_SHARED_PREFIX:
+        return None
+    cache = DynamicCache(config=model.config)
+    _extend(model, cache, rows[0][:length], 0)
+    return Prefix(length, cache)
+
+
+def last_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: Prefix | None = None) -> torch.Tensor:
     """(rows, vocab) next-token logits after each token list, from one forward pass.
 
-    The rows' common prefix (the judge rubric, say) is computed once and its cache shared; the rest of each
-    row follows it right-padded, so every real token sits at its true position and never sees padding.
-    Only the last real position of each row goes through the LM head.
+    Every row continues from a copy of `prefix` if given (from `shared_prefix` over a whole call, so a
+    rubric common to many batches is computed once); what the rows of this batch share beyond it is
+    computed once more and its cache shared; the rest of each row follows right-padded, so every real token
+    sits at its true position and never sees padding. Only the last real position of each row goes
+    through the LM head.
     """
     from transformers import DynamicCache
 
     device = model.device
+    start, cache = (prefix.length, copy.deepcopy(prefix.cache)) if prefix else (0, DynamicCache(config=model.config))
     shared = shared_prefix_length(rows)
-    if shared < MIN_SHARED_PREFIX:
-        shared = 0
-    cache = DynamicCache(config=model.config)
-    decoder = model.get_decoder()
-    if shared:
-        decoder(input_ids=torch.tensor([list(rows[0][:shared])], device=device), past_key_values=cache, use_cache=True)
+    if shared - start >= MIN_SHARED_PREFIX:
+        _extend(model, cache, rows[0][start:shared], start)
+        start = shared
+    if start:
         cache.batch_repeat_interleave(len(rows))
-    lengths = [len(row) - shared for row in rows]
+    lengths = [len(row) - start for row in rows]
     width = max(lengths)
-    suffix = torch.tensor([list(row[shared:]) + [pad_id] * (width - length) for row, length in zip(rows, lengths)], device=device)
-    attention_mask = torch.ones(len(rows), shared + width, dtype=torch.long, device=device)
+    suffix = torch.tensor([list(row[start:]) + [pad_id] * (width - length) for row, length in zip(rows, lengths)], device=device)
+    attention_mask = torch.ones(len(rows), start + width, dtype=torch.long, device=device)
     for r, length in enumerate(lengths):
-        attention_mask[r, shared + length :] = 0
-    positions = torch.arange(shared, shared + width, device=device).expand(len(rows), -1)
-    hidden = decoder(input_ids=suffix, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                     use_cache=True).last_hidden_state
+        attention_mask[r, start + length :] = 0
+    positions = torch.arange(start, start + width, device=device).expand(len(rows), -1)
+    hidden = model.get_decoder()(input_ids=suffix, attention_mask=attention_mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True).last_hidden_state
     last = hidden[torch.arange(len(rows), device=device), torch.tensor(lengths, device=device) - 1]
     logits = model.get_output_embeddings()(last).float()
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
