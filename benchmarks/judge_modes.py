@@ -8,8 +8,10 @@ of the first `--prompts` prompts is one item. The plain script is what one would
 prompts sorted by length, one forward pass with the logits of every position, the six digit
 probabilities at the last one. Expected mode must agree with it (same scores up to rounding: the
 `max_abs_diff_vs_plain` and `mean_abs_diff_vs_plain` columns). MFU counts prompt tokens at 2 x parameters per token (`mfu`); expected
-mode skips the LM head except at the last position, so `mfu_computed` also gives the share with the
-FLOPs it really does (2 x non-embedding parameters per token). Sampled rows report the Spearman correlation
+mode skips the LM head except at the last position and computes the rubric common to all prompts once,
+so `mfu_computed` also gives the share with the FLOPs it really does: 2 x non-embedding parameters per
+token it computes (`computed_tokens`: the prompt tokens less the common prefix of all but one prompt;
+padding not counted). Sampled rows report the Spearman correlation
 of their scores with expected mode and their parse-failure rate.
 """
 
@@ -24,6 +26,7 @@ from scipy.stats import spearmanr
 
 from benchmarks.common import COMPUTE_DTYPE, matmul_gflops, mfu, parameters, report
 from selfreward.backends import Sampling, open_backend
+from selfreward.backends.decoding import shared_prefix_length
 from selfreward.evaluation import load_ranked
 from selfreward.judge import SCORES, Judge, JudgeItem
 from selfreward.models import resolve_model
@@ -73,7 +76,9 @@ def main() -> None:
     items = [JudgeItem(p.instruction, r) for p in load_ranked(args.ranked)[: args.prompts] for r in p.responses]
     expected = Judge(backend, mode="expected")
     prompts = [expected.prompt(item) + "Score: " for item in items]
-    prompt_tokens = sum(len(backend.encode(p)) for p in prompts)
+    encoded = [backend.encode(p) for p in prompts]
+    prompt_tokens = sum(map(len, encoded))
+    computed_tokens = prompt_tokens - (len(encoded) - 1) * shared_prefix_length(encoded)
     digit_ids = backend.single_token_ids(prompts[0], [str(s) for s in SCORES])
     expected.score(items[:2])  # warm-up
 
@@ -87,7 +92,7 @@ def main() -> None:
     for row in rows:
         row["prompt_tok_per_s"] = prompt_tokens / row["seconds"]
         row["mfu"] = mfu(row["prompt_tok_per_s"], 2 * params["total"], gflops)
-    rows[1]["mfu_computed"] = mfu(rows[1]["prompt_tok_per_s"], 2 * params["non_embedding"], gflops)
+    rows[1]["mfu_computed"] = mfu(computed_tokens / fast_s, 2 * params["non_embedding"], gflops)
     for k in (1, args.samples):
         judge = Judge(backend, mode="sampled", samples=k, sampling=Sampling(0.7, 0.9, args.max_new_tokens))
         results, seconds = timed(judge.score, items)
@@ -103,7 +108,7 @@ def main() -> None:
         row["vs_plain"] = row["seconds"] / plain_s
     sampled = rows[2:]
     report("(b) judging: the same items in each mode", rows, args.output, {
-        "model": args.model, "items": len(items), "prompt_tokens": prompt_tokens, "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE,
+        "model": args.model, "items": len(items), "prompt_tokens": prompt_tokens, "computed_tokens": computed_tokens, "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE,
         "parameters": params, "sampled_k_over_k1_time": sampled[1]["seconds"] / sampled[0]["seconds"],
         "command": " ".join(sys.argv),
     })
