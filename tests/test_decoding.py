@@ -191,17 +191,19 @@ def test_next_token_probs_do_not_depend_on_how_prompts_are_batched(tiny_model, t
     from selfreward.backends.transformers import TransformersBackend
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
-    prompts = SAME_INSTRUCTION + [RUBRIC + p for p in PROMPTS] + ["Unrelated prompt without the rubric."]
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.convert_ids_to_tokens(list(range(5, 11)))]
+    with_rubric = SAME_INSTRUCTION + [RUBRIC + p for p in PROMPTS]  # a call whose rows share the rubric
+    prompts = with_rubric + ["Unrelated prompt without the rubric."]  # a call whose rows share nothing
+    ids = list(range(5, 11))
     with torch.inference_mode():
         plain = [torch.softmax(model(input_ids=torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]])).logits[0, -1], -1)[ids].tolist()
                  for p in prompts]
     for batch_size, prefill_tokens in ((1, 4096), (8, 4096), (8, 40)):
         backend = TransformersBackend(str(tmp_path / "gemma"), BackendSection(
             kind="transformers", dtype="float32", batch_size=batch_size, prefill_tokens=prefill_tokens))
-        torch.testing.assert_close(torch.tensor(backend.next_token_probs(prompts, ids)), torch.tensor(plain), rtol=1e-5, atol=1e-6)
-        # Alone, with the rubric shared by the rest of a call, or not: the same probabilities.
-        torch.testing.assert_close(torch.tensor(backend.next_token_probs(prompts[2:3], ids)), torch.tensor(plain[2:3]), rtol=1e-5, atol=1e-6)
+        # No call-wide prefix; the rubric as call-wide prefix; a prompt alone.
+        for call in (range(len(prompts)), range(len(with_rubric)), [2]):
+            probs = backend.next_token_probs([prompts[i] for i in call], ids)
+            torch.testing.assert_close(torch.tensor(probs), torch.tensor([plain[i] for i in call]), rtol=1e-5, atol=1e-6)
 
 
 def test_padded_batches_choose_the_cheapest_cuts_within_both_limits():

@@ -48,8 +48,9 @@ def padded_batches(lengths: Sequence[int], max_rows: int, max_tokens: int, overh
             rows = end - begin
             if rows > 1 and (rows > max_rows or rows * width > max_tokens):
                 break
-            if cost[begin] + rows * width + overhead < cost[end]:
-                cost[end], cut[end] = cost[begin] + rows * width + overhead, begin
+            total = cost[begin] + rows * width + overhead
+            if total < cost[end]:
+                cost[end], cut[end] = total, begin
     batches, end = [], len(order)
     while end:
         batches.append(order[cut[end] : end])
