@@ -89,6 +89,13 @@ class SftSection(TrainSection):
     # Batch examples of similar length together: EFT examples are ~3x longer than IFT ones, and padding
     # a mixed batch to its longest example wastes most of the compute.
     group_by_length: bool = True
+    # Pack examples into rows of `max_length` tokens without padding (TRL's best-fit decreasing packing;
+    # each example still attends only to itself): `batch_size` then counts packed rows, not examples, so a
+    # step sees more examples. No padding is computed, and on a CPU fewer, larger passes run at a higher
+    # matmul rate: 1.28x the tokens/s of padded batches grouped by length with the demo recipe
+    # (benchmarks/sft_speed.py), though sdpa computes a packed row's attention across all of it under a
+    # block mask (flash attention on a GPU does not). Examples longer than `max_length` are cut, as without.
+    packing: bool = False
 
 
 class DpoSection(TrainSection):

@@ -85,3 +85,23 @@ def test_the_allocator_keeps_freed_memory_unless_told_not_to(monkeypatch):
     assert keep_freed_memory() is True  # Linux with glibc, as CI runs
     monkeypatch.setenv("SELFREWARD_KEEP_FREED_MEMORY", "0")
     assert keep_freed_memory() is False
+
+
+def test_packed_sft_trains_the_weights_of_padded_sft_on_the_same_examples(tiny_model, tmp_path):
+    """Packing only removes padding: with all examples in one step (one packed row, or one padded batch)
+    the loss and the trained weights are those of the padded run."""
+    ift = load_ift("data/ift.jsonl")[:6]
+    template = load_template(None, "judge.txt", ())
+
+    def train(name: str, **settings):
+        config = SftSection(**{**TRAIN, "save_steps": None, "max_length": 2048, "group_by_length": False, **settings})
+        return run_sft(tiny_model, ift, [], template, config, tmp_path / name, 0)
+
+    padded = train("padded", batch_size=len(ift), packing=False)
+    packed = train("packed", batch_size=1, packing=True)
+    assert padded["steps"] == packed["steps"] == 1  # one step each: the same six examples
+    assert packed["first_loss"] == pytest.approx(padded["first_loss"], rel=1e-4)
+    expected, actual, base = weights(tmp_path / "padded"), weights(tmp_path / "packed"), weights(Path(tiny_model))
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(actual[name], base[name]) for name in base)  # the step moved the weights

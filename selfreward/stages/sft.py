@@ -63,7 +63,9 @@ def run_sft(
     model, tokenizer = load_for_training(model_path, trust_remote_code)
     dataset = Dataset.from_list(sft_examples(ift, eft, judge_template)).shuffle(seed=seed)
     work_dir = output.parent / f".{output.name}.work"
-    args = SFTConfig(**trainer_args(config, work_dir, seed, config.group_by_length), completion_only_loss=True, packing=False)
+    # Packed rows are all about `max_length` long: grouping them by length would change nothing.
+    args = SFTConfig(**trainer_args(config, work_dir, seed, config.group_by_length and not config.packing),
+                     completion_only_loss=True, packing=config.packing, packing_strategy="bfd")
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(config),
         callbacks=checkpoint_callbacks(config) + list(callbacks or []),
