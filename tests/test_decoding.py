@@ -87,9 +87,14 @@ def tiny_gemma(tokenizer_dir: str, tmp_path):
 PROMPTS = ["Explain why the sky is blue.", "Hi", "Write a short poem about the sea and the wind in winter, please."]
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
-def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_cache(tiny_model, tmp_path, temperature, top_p):
+def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_cache(tiny_model, tmp_path, temperature, top_p, grouped):
+    from selfreward.backends.attention import use_grouped_decoding
+
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
+    if grouped:  # the decoding steps through grouped-query attention; the reference's forward passes never decode
+        assert use_grouped_decoding(model)
     encoded = [tokenizer(p)["input_ids"] for p in PROMPTS]
     tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
@@ -108,9 +113,11 @@ def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_ca
 def test_greedy_generation_equals_transformers_generate(tiny_model):
     from transformers import AutoModelForCausalLM
 
+    from selfreward.backends.attention import GROUPED_DECODING
     from selfreward.backends.transformers import TransformersBackend
 
     backend = TransformersBackend(tiny_model, BackendSection(kind="transformers", dtype="float32", batch_size=8))
+    assert backend.model.config._attn_implementation == GROUPED_DECODING  # 4 query heads on 2 key/value heads
     prompts = [backend.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
     ours = backend.generate(prompts, 1, Sampling(temperature=0, max_new_tokens=10))
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -143,6 +150,31 @@ def test_stop_string_ends_generation_at_the_token_that_completes_it(tiny_model):
     cut = next(i for i in range(1, len(tokens) + 1) if stopped(tokens[:i]))
     assert backend.tokenizer.decode(tokens[:cut]).endswith("Score: 3")
     assert not stopped(backend.encode("Score: 4"))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 1), (4, 2), (2, 2)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_decoding_attention_equals_sdpa_attention(heads, kv_heads, masked):
+    """One decoding query per row and head, against transformers' sdpa with the key/value heads repeated: a
+    query head read against the wrong key/value head, or a mask applied to the wrong row, fails it."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from selfreward.backends.attention import grouped_decoding_attention
+
+    generator = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    rows, keys, dim = 3, 9, 8
+    query = torch.randn(rows, heads, 1, dim, generator=generator)
+    key, value = (torch.randn(rows, kv_heads, keys, dim, generator=generator) for _ in range(2))
+    mask = None
+    if masked:  # left padding of different lengths, as a batch of prompts has
+        mask = (torch.arange(keys) >= torch.tensor([0, 3, 6])[:, None])[:, None, None, :]
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
+    ours, _ = grouped_decoding_attention(module, query, key, value, mask, scaling=0.3)
+    plain, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    assert ours.shape == plain.shape == (rows, 1, heads, dim)
+    torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6)
 
 
 def test_sample_tokens_is_greedy_at_temperature_zero_and_follows_the_uniform_number():
