@@ -4,7 +4,7 @@ mode vs sampled mode with 1 and with k samples; seconds per 100 items and agreem
     python -m benchmarks.judge_modes --model embedded:gemma3-270m --ranked ../shared/data/oasst1/sample.jsonl --prompts 20
 
 `--ranked` takes human-ranked responses (oasst1 JSONL, as `selfreward judge-eval` reads them); every response
-of the first `--prompts` prompts is one item. The plain script is what one would write by hand: batches of 4
+of the first `--prompts` prompts is one item. The plain script is what one would write by hand, on the model as transformers loads it: batches of 4
 prompts sorted by length, one forward pass with the logits of every position, the six digit
 probabilities at the last one. Expected mode must agree with it (same scores up to rounding: the
 `max_abs_diff_vs_plain` and `mean_abs_diff_vs_plain` columns). MFU counts prompt tokens at 2 x parameters per token (`mfu`); expected
@@ -33,11 +33,12 @@ from selfreward.models import resolve_model
 from selfreward.recipe import BackendSection
 
 
-def plain_script(backend, prompts: list[str], digit_ids: list[int]) -> list[float]:
-    """Expected scores the straightforward way (see the module docstring), on the backend's own model."""
+def plain_script(model, backend, prompts: list[str], digit_ids: list[int]) -> list[float]:
+    """Expected scores the straightforward way (see the module docstring): `model` as transformers loads it
+    (its default attention), the backend's tokenizer and prompts."""
     import torch
 
-    model, tokenizer = backend.model, backend.tokenizer
+    tokenizer = backend.tokenizer
     encoded = [backend.encode(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     scores: list[float] = [0.0] * len(prompts)
@@ -82,7 +83,13 @@ def main() -> None:
     digit_ids = backend.single_token_ids(prompts[0], [str(s) for s in SCORES])
     expected.score(items[:2])  # warm-up
 
-    plain, plain_s = timed(plain_script, backend, prompts, digit_ids)
+    from transformers import AutoModelForCausalLM
+
+    import torch
+
+    plain_model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, COMPUTE_DTYPE)).eval()
+    plain, plain_s = timed(plain_script, plain_model, backend, prompts, digit_ids)
+    del plain_model
     fast, fast_s = timed(lambda: [r.score for r in expected.score(items)])
     rows = [
         {"mode": "plain script (full logits)", "seconds": plain_s},

@@ -90,11 +90,11 @@ PROMPTS = ["Explain why the sky is blue.", "Hi", "Write a short poem about the s
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
 def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_cache(tiny_model, tmp_path, temperature, top_p, grouped):
-    from selfreward.backends.attention import use_grouped_decoding
+    from selfreward.backends.attention import use_grouped_attention
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
-    if grouped:  # the decoding steps through grouped-query attention; the reference's forward passes never decode
-        assert use_grouped_decoding(model)
+    if grouped:  # batched prompts and decoding steps through grouped attention; the reference's unpadded rows use sdpa
+        assert use_grouped_attention(model)
     encoded = [tokenizer(p)["input_ids"] for p in PROMPTS]
     tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
@@ -113,11 +113,11 @@ def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_ca
 def test_greedy_generation_equals_transformers_generate(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from selfreward.backends.attention import GROUPED_DECODING
+    from selfreward.backends.attention import GROUPED_ATTENTION
     from selfreward.backends.transformers import TransformersBackend
 
     backend = TransformersBackend(tiny_model, BackendSection(kind="transformers", dtype="float32", batch_size=8))
-    assert backend.model.config._attn_implementation == GROUPED_DECODING  # 4 query heads on 2 key/value heads
+    assert backend.model.config._attn_implementation == GROUPED_ATTENTION  # 4 query heads on 2 key/value heads
     prompts = [backend.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
     ours = backend.generate(prompts, 1, Sampling(temperature=0, max_new_tokens=10))
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -152,29 +152,55 @@ def test_stop_string_ends_generation_at_the_token_that_completes_it(tiny_model):
     assert not stopped(backend.encode("Score: 4"))
 
 
+def attention_inputs(heads: int, kv_heads: int, queries: int, padding: str, seed: int = 0):
+    """Random (rows, heads, queries, dim) query and (rows, kv heads, keys, dim) key and value after 4 cached
+    positions, with the boolean mask transformers builds for sdpa: causal, and padding on the left or the
+    right of rows of different lengths (None: no padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cached, dim = 3, 4, 8
+    keys = cached + queries
+    query = torch.randn(rows, heads, queries, dim, generator=generator)
+    key, value = (torch.randn(rows, kv_heads, keys, dim, generator=generator) for _ in range(2))
+    mask = (torch.arange(keys)[None, :] <= torch.arange(queries)[:, None] + cached)[None, None].expand(rows, 1, -1, -1)
+    pads = torch.tensor([0, 2, 3])[:, None, None, None]
+    if padding == "left":
+        mask = mask & (torch.arange(keys) >= pads)
+    elif padding == "right":
+        mask = mask & (torch.arange(keys) < keys - pads)
+    return query, key, value, mask
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(4, 1), (4, 2), (2, 2)])
-@pytest.mark.parametrize("masked", [False, True])
-def test_grouped_decoding_attention_equals_sdpa_attention(heads, kv_heads, masked):
-    """One decoding query per row and head, against transformers' sdpa with the key/value heads repeated: a
-    query head read against the wrong key/value head, or a mask applied to the wrong row, fails it."""
+@pytest.mark.parametrize("queries", [1, 7])
+@pytest.mark.parametrize("padding", ["left", "right", None])
+def test_grouped_attention_equals_sdpa_attention(heads, kv_heads, queries, padding):
+    """A decoding step and a prompt's queries, against transformers' sdpa with the key/value heads repeated:
+    a query head read against the wrong key/value head, or a mask applied to the wrong row or query, fails
+    it. Only queries that attend to something are compared (a left-padding query attends to nothing)."""
     from types import SimpleNamespace
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from selfreward.backends.attention import grouped_decoding_attention
+    from selfreward.backends.attention import grouped_attention
 
-    generator = torch.Generator().manual_seed(heads * 10 + kv_heads)
-    rows, keys, dim = 3, 9, 8
-    query = torch.randn(rows, heads, 1, dim, generator=generator)
-    key, value = (torch.randn(rows, kv_heads, keys, dim, generator=generator) for _ in range(2))
-    mask = None
-    if masked:  # left padding of different lengths, as a batch of prompts has
-        mask = (torch.arange(keys) >= torch.tensor([0, 3, 6])[:, None])[:, None, None, :]
+    query, key, value, mask = attention_inputs(heads, kv_heads, queries, padding, seed=heads * 10 + kv_heads)
+    if padding is None and queries == 1:
+        mask = None  # transformers' decoding mask when no row is padded
     module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
-    ours, _ = grouped_decoding_attention(module, query, key, value, mask, scaling=0.3)
+    ours, _ = grouped_attention(module, query, key, value, mask, scaling=0.3)
     plain, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
-    assert ours.shape == plain.shape == (rows, 1, heads, dim)
-    torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6)
+    assert ours.shape == plain.shape == (3, queries, heads, 8)
+    attends = torch.ones(3, queries, dtype=torch.bool) if mask is None else mask[:, 0].any(-1)
+    torch.testing.assert_close(ours[attends], plain[attends], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scores_per_slice", [1, 4 * 7 * 11, 3 * 4 * 7 * 11 - 1])
+def test_sliced_attention_is_the_same_in_slices_of_queries_or_of_rows(scores_per_slice):
+    from selfreward.backends.attention import sliced_attention
+
+    query, key, value, mask = attention_inputs(4, 1, 7, "right")
+    whole = sliced_attention(query, key, value, mask, 0.3, scores_per_slice=1 << 30)
+    torch.testing.assert_close(sliced_attention(query, key, value, mask, 0.3, scores_per_slice), whole, rtol=1e-6, atol=1e-6)
 
 
 def test_sample_tokens_is_greedy_at_temperature_zero_and_follows_the_uniform_number():

@@ -1,19 +1,26 @@
-"""Decoding attention for grouped-query models: the query heads that share a key/value head are computed
-as that head's queries, in one kernel call.
+"""Attention for grouped-query models on a CPU: the query heads that share a key/value head are computed as
+that head's queries.
 
-In a decoding step every row has one query per head. With grouped-query attention (Gemma 3 270M: 4 query
-heads, 1 key/value head) transformers' `sdpa` hands PyTorch (rows, heads, 1 query) and lets the kernel
-broadcast the key/value head. PyTorch's CPU flash-attention kernel works through (row, head, query block)
-tiles, and with a single query per tile it spends its time on the tiles, not on arithmetic: on the 2-core
-Zen 4 CPU (bf16, 64 rows, head dim 256) one call took 3.4 ms at 40 cached positions and 55 ms at 700, so
-attention was 27 % of a 64-row decoding profile of the 270M model, and most of a sampled judgment, whose
-prompts run to hundreds of tokens. The G query heads of a key/value head attend over the same keys and
-values with the same mask, so they can be read as G query positions of that one head: the same attention,
-one tile per (row, key/value head), 0.35 ms and 6 ms for the same calls (/tmp microbenchmark of Dec 3,
-figures in DEVELOPERS.md).
+With grouped-query attention (Gemma 3 270M: 4 query heads, 1 key/value head) transformers' `sdpa` hands
+PyTorch (rows, heads, queries) and lets the kernel broadcast, or copy, the key/value head. PyTorch's CPU
+flash-attention kernel works through (row, head, query block) tiles of small matrix products; on the 2-core
+Zen 4 CPU (bf16, head dim 256) it ran at ~110 GFLOP/s where a square matmul runs at ~390, and attention was
+27 % of a 64-row decoding profile of the 270M model and 29 % of an expected-mode judging profile.
 
-Only decoding steps (one query position) take this path; a prompt's prefill, where the kernel's tiles are
-full, stays with transformers' `sdpa`, as do models without grouped heads.
+- A decoding step (one query per row) gives the kernel a single query per tile. The G query heads of a
+  key/value head attend over the same keys and values with the same mask, so they are read as G query
+  positions of that one head: one SDPA call, one tile per (row, key/value head). A 64-row call took 0.35
+  instead of 3.4 ms at 40 cached positions, 6 instead of 55 ms at 700.
+- A prompt's forward pass (many queries, a mask) is computed as two batched matrix products per slice of
+  rows (or of one row's queries) whose fp32 scores stay within a couple of MiB, each product reading all G
+  query heads of a key/value head at once; the softmax is fp32, the probabilities then take the model's
+  dtype, as transformers' `eager` attention does. 8 rows of 300 queries over 436 keys: 25 instead of 44 ms;
+  16 x 120 over 256: 11 instead of 20 ms; 2 x 1,200 over 1,336: 95 instead of 111 ms.
+  (Microbenchmarks of Dec 3; the end-to-end figures are in DEVELOPERS.md.)
+
+Everything else (no mask, so `is_causal`; dropout; attention with a position bias or a paged cache; a model
+whose heads are not grouped) stays with transformers' `sdpa`. On a GPU, whose SDPA kernels are another
+matter, the backend leaves `sdpa` as it is.
 """
 
 from __future__ import annotations
@@ -24,10 +31,16 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # The name under which transformers finds this attention (and builds its masks the way sdpa's are built).
-GROUPED_DECODING = "selfreward_grouped_decoding"
+GROUPED_ATTENTION = "selfreward_grouped_attention"
+
+# Scores computed at once by the prompt path, in elements: 512 Ki fp32 values are 2 MiB, near a core's
+# share of cache (chosen by the microbenchmarks above: 4x this was up to 1.7x slower at 300 queries).
+SCORES_PER_SLICE = 1 << 19
+# Queries of one row computed at once when a prompt is longer than this.
+QUERY_BLOCK = 128
 
 
-def grouped_decoding_attention(
+def grouped_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -41,25 +54,62 @@ def grouped_decoding_attention(
     keys, dim) key and value; returns (rows, queries, heads, dim), as `sdpa_attention_forward` does."""
     rows, heads, queries, dim = query.shape
     kv_heads = key.shape[1]
-    if queries != 1 or kv_heads == heads or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
+    plain = (kv_heads == heads or dropout or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None
+             or (queries > 1 and (attention_mask is None or attention_mask.dtype != torch.bool)))
+    if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if queries > 1:
+        return sliced_attention(query, key, value, attention_mask, scaling if scaling is not None else dim**-0.5), None
     # Query head h reads key/value head h // groups (transformers' repeat_kv), so the heads of one group are
     # consecutive: (rows, heads, 1, dim) -> (rows, kv heads, groups, dim). A decoding mask is (rows, 1, 1,
     # keys) and broadcasts over the group's queries.
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)
-    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
-                                                              dropout_p=dropout, scale=scaling)
+    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
     return output.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(GROUPED_DECODING, grouped_decoding_attention)
-AttentionMaskInterface.register(GROUPED_DECODING, sdpa_mask)
+def sliced_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float,
+                     scores_per_slice: int = SCORES_PER_SLICE, query_block: int = QUERY_BLOCK) -> torch.Tensor:
+    """Masked attention of many queries (`mask`: True = may attend, (rows or 1, 1, queries, keys)), in
+    slices of rows, or of one row's queries, whose scores fit in `scores_per_slice`.
+
+    A slice of a row's queries reads only the keys up to the last one any of them may see: in a causal
+    prompt after `keys - queries` cached positions, that skips most of the masked half of the prompt's own
+    keys."""
+    rows, heads, queries, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    output = query.new_empty(rows, queries, heads, dim)
+    lowest = torch.finfo(torch.float32).min  # not -inf: a row with nothing to attend to stays finite
+    if queries <= query_block and heads * queries * keys <= scores_per_slice:
+        row_step, query_step = max(1, scores_per_slice // (heads * queries * keys)), queries
+    else:
+        row_step, query_step = 1, max(1, min(query_block, scores_per_slice // (heads * keys)))
+    for first in range(0, rows, row_step):
+        last = min(rows, first + row_step)
+        visible = mask[first:last] if mask.shape[0] > 1 else mask
+        for start in range(0, queries, query_step):
+            end = min(queries, start + query_step)
+            count, span = last - first, end - start
+            seen = visible[:, :, start:end]
+            reach = keys - queries + end  # causal: these queries see no key after their own positions
+            width = reach if reach < keys and not seen[..., reach:].any() else keys
+            grouped = query[first:last, :, start:end].reshape(count, kv_heads, groups * span, dim)
+            scores = torch.matmul(grouped, key[first:last, :, :width].transpose(-1, -2)).float().mul_(scale)
+            scores = scores.view(count, kv_heads, groups, span, width).masked_fill_(~seen[:, :, None, :, :width], lowest)
+            probs = torch.softmax(scores, dim=-1).to(query.dtype).view(count, kv_heads, groups * span, width)
+            output[first:last, start:end] = torch.matmul(probs, value[first:last, :, :width]).view(count, heads, span, dim).transpose(1, 2)
+    return output
 
 
-def use_grouped_decoding(model) -> bool:
-    """Switch a model loaded with `sdpa` attention to `grouped_decoding_attention`; returns whether it did
-    (a model on another attention implementation, eager or flash, is left as it is)."""
-    if model.config._attn_implementation != "sdpa":
+AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
+
+
+def use_grouped_attention(model) -> bool:
+    """Switch a CPU model loaded with `sdpa` attention to `grouped_attention`; returns whether it did (a
+    model on a GPU, or on another attention implementation, eager or flash, is left as it is)."""
+    if model.config._attn_implementation != "sdpa" or model.device.type != "cpu":
         return False
-    model.set_attn_implementation(GROUPED_DECODING)
+    model.set_attn_implementation(GROUPED_ATTENTION)
     return True
