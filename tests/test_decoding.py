@@ -215,6 +215,11 @@ RUBRIC = "Rate the response on a scale of 0 to 5, one point per criterion met. "
 # Two answers to one long instruction: rows that share more than the rubric.
 SAME_INSTRUCTION = [RUBRIC + "Describe the water cycle in detail, step by step, for a class of ten year olds. " + a
                     for a in ("Water evaporates, condenses and falls.", "Rain.")]
+# Three answers to an instruction long enough that computing it once pays for a group of its own.
+LONG_INSTRUCTION = [RUBRIC + "Plan a three day walking tour of Lisbon for two retired teachers who love tiled churches, quiet "
+                    "viewpoints, fresh fish and old bookshops, avoid steep climbs after lunch, and end each day near "
+                    "a tram stop. Say what to book ahead and what to skip. " + a
+                    for a in ("Day one: Alfama and the cathedral.", "Stay in Baixa; take tram 28 early.", "Lisbon is hilly.")]
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -245,11 +250,29 @@ def test_last_token_logits_from_a_call_wide_prefix_equal_a_plain_forward_pass(ti
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+def test_prefix_groups_keep_the_instructions_whose_shared_tokens_outweigh_a_group_of_their_own():
+    from selfreward.backends.decoding import MIN_SHARED_PREFIX, prefix_groups
+
+    rubric, long, short = list(range(100, 110)), list(range(200, 240)), list(range(300, 300 + MIN_SHARED_PREFIX - 1))
+    rows = [rubric + long + [1], rubric + [7, 8], rubric + long + [2, 3], rubric + short + [4],
+            rubric + long + [5], rubric + short + [6], [9] * 12]
+    # Three rows share 40 tokens past the rubric: 2 x 40 saved > 50, a group. Two share 15 (< MIN_SHARED_PREFIX).
+    assert prefix_groups(rows, len(rubric), overhead=50) == [(50, [0, 2, 4]), (10, [1, 3, 5, 6])]
+    # Saving 80 tokens does not outweigh an overhead of 80: everything stays in the group at the start.
+    assert prefix_groups(rows, len(rubric), overhead=80) == [(10, list(range(7)))]
+    # From the first token on, the short instruction's rows share 25 tokens: a group of its own where that pays.
+    assert prefix_groups(rows, 0, overhead=20) == [(50, [0, 2, 4]), (25, [3, 5]), (0, [1, 6])]
+
+
 def test_next_token_probs_do_not_depend_on_how_prompts_are_batched(tiny_model, tmp_path):
-    from selfreward.backends.transformers import TransformersBackend
+    from selfreward.backends.decoding import shared_prefix_length, prefix_groups
+    from selfreward.backends.transformers import BATCH_OVERHEAD_TOKENS, TransformersBackend
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
-    with_rubric = SAME_INSTRUCTION + [RUBRIC + p for p in PROMPTS]  # a call whose rows share the rubric
+    with_rubric = SAME_INSTRUCTION + LONG_INSTRUCTION + [RUBRIC + p for p in PROMPTS]  # a call whose rows share the rubric
+    encoded = [tokenizer(p)["input_ids"] for p in with_rubric]
+    groups = prefix_groups(encoded, shared_prefix_length(encoded), 2 * BATCH_OVERHEAD_TOKENS)
+    assert [members for _, members in groups[:-1]] == [[2, 3, 4]]  # the long instruction is computed once
     prompts = with_rubric + ["Unrelated prompt without the rubric."]  # a call whose rows share nothing
     ids = list(range(5, 11))
     with torch.inference_mode():

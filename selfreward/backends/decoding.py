@@ -214,6 +214,38 @@ def shared_prefix(model, rows: Sequence[Sequence[int]]) -> Prefix | None:
     return Prefix(length, cache)
 
 
+def extended_prefix(model, prefix: Prefix | None, row: Sequence[int], length: int) -> Prefix:
+    """`prefix` (None: nothing) continued with `row`'s tokens up to `length`, in a cache of its own."""
+    from transformers import DynamicCache
+
+    start, cache = (prefix.length, copy.deepcopy(prefix.cache)) if prefix else (0, DynamicCache(config=model.config))
+    _extend(model, cache, row[start:length], start)
+    return Prefix(length, cache)
+
+
+def prefix_groups(rows: Sequence[Sequence[int]], start: int, overhead: int) -> list[tuple[int, list[int]]]:
+    """The rows as (shared length, row indices) groups whose members share more than their first `start`
+    tokens: the responses to one instruction, after the judge's rubric. Sorted rows are grouped while
+    neighbours share at least MIN_SHARED_PREFIX tokens more; a group is kept if the tokens it computes once
+    instead of per row, (members - 1) x (shared - start), outweigh `overhead` (the forward passes of a
+    group of its own). The other rows form one group at `start`, listed last."""
+    order = sorted(range(len(rows)), key=lambda i: list(rows[i]))
+    runs: list[tuple[int, list[int]]] = []
+    for previous, index in zip([None] + order, order):
+        common = shared_prefix_length([rows[previous], rows[index]]) if previous is not None else 0
+        if runs and common - start >= MIN_SHARED_PREFIX:
+            runs[-1] = (min(runs[-1][0], common), runs[-1][1] + [index])
+        else:
+            runs.append((len(rows[index]), [index]))
+    groups, rest = [], []
+    for shared, members in runs:
+        if len(members) > 1 and (len(members) - 1) * (shared - start) > overhead:
+            groups.append((shared, sorted(members)))
+        else:
+            rest += members
+    return groups + ([(start, sorted(rest))] if rest else [])
+
+
 def last_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: Prefix | None = None) -> torch.Tensor:
     """(rows, vocab) next-token logits after each token list, from one forward pass.
 

@@ -127,7 +127,7 @@ class TransformersBackend(Backend):
     def next_token_probs(self, prompts: Sequence[str], token_ids: Sequence[int]) -> list[list[float]]:
         import torch
 
-        from selfreward.backends.decoding import last_token_logits, shared_prefix
+        from selfreward.backends.decoding import extended_prefix, last_token_logits, prefix_groups, shared_prefix
 
         encoded = [self.encode(p) for p in prompts]
         results: list[list[float]] = [[] for _ in prompts]
@@ -135,12 +135,17 @@ class TransformersBackend(Backend):
             return results
         index = torch.tensor(list(token_ids), device=self.device)
         with torch.inference_mode():
-            prefix = shared_prefix(self.model, encoded)  # the rubric, computed once for the whole call
-            computed = prefix.length if prefix else 0
-            for indices in padded_batches([len(e) - computed for e in encoded], self.batch_size, self.prefill_tokens):
-                logits = last_token_logits(self.model, [encoded[i] for i in indices], self.tokenizer.pad_token_id or 0, prefix)
-                for row, values in zip(indices, torch.softmax(logits, dim=-1)[:, index].tolist()):
-                    results[row] = values
+            call = shared_prefix(self.model, encoded)  # the rubric, computed once for the whole call
+            computed = call.length if call else 0
+            # Then each instruction judged more than once, computed once for its responses.
+            for length, members in prefix_groups(encoded, computed, 2 * BATCH_OVERHEAD_TOKENS):
+                prefix = extended_prefix(self.model, call, encoded[members[0]], length) if length > computed else call
+                lengths = [len(encoded[i]) - length for i in members]
+                for batch in padded_batches(lengths, self.batch_size, self.prefill_tokens):
+                    rows = [members[i] for i in batch]
+                    logits = last_token_logits(self.model, [encoded[i] for i in rows], self.tokenizer.pad_token_id or 0, prefix)
+                    for row, values in zip(rows, torch.softmax(logits, dim=-1)[:, index].tolist()):
+                        results[row] = values
         return results
 
     def close(self) -> None:
