@@ -3,16 +3,16 @@ mode vs sampled mode with 1 and with k samples; seconds per 100 items and agreem
 
     python -m benchmarks.judge_modes --model embedded:gemma3-270m --ranked ../shared/data/oasst1/sample.jsonl --prompts 20
 
-`--ranked` takes human-ranked responses (oasst1 JSONL, as `selfreward judge-eval` reads them); every response
-of the first `--prompts` prompts is one item. The plain script is what one would write by hand, on the model as transformers loads it: batches of 4
-prompts sorted by length, one forward pass with the logits of every position, the six digit
-probabilities at the last one. Expected mode must agree with it (same scores up to rounding: the
-`max_abs_diff_vs_plain` and `mean_abs_diff_vs_plain` columns). MFU counts prompt tokens at 2 x parameters per token (`mfu`); expected
-mode skips the LM head except at the last position and computes the rubric common to all prompts once,
-so `mfu_computed` also gives the share with the FLOPs it really does: 2 x non-embedding parameters per
-token it computes (`computed_tokens`: the prompt tokens less the common prefix of all but one prompt;
-padding not counted). Sampled rows report the Spearman correlation
-of their scores with expected mode and their parse-failure rate.
+`--ranked` takes human-ranked responses (oasst1 JSONL, as `selfreward judge-eval` reads them); every
+response of the first `--prompts` prompts is one item. The plain script is what one would write by hand, on
+the model as transformers loads it: batches of 4 prompts sorted by length, one forward pass with the logits
+of every position, the six digit probabilities at the last one. Expected mode must agree with it (same
+scores up to rounding: the `max_abs_diff_vs_plain` and `mean_abs_diff_vs_plain` columns). MFU counts prompt
+tokens at 2 x parameters per token (`mfu`); expected mode skips the LM head except at the last position,
+computes the rubric common to all prompts once and each instruction once for its responses, so
+`mfu_computed` also gives the share with the FLOPs it really does: 2 x non-embedding parameters per token it
+computes (`computed_tokens`, from the backend's `prefix_plan`; padding not counted). Sampled rows report the
+Spearman correlation of their scores with expected mode and their parse-failure rate.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from scipy.stats import spearmanr
 
 from benchmarks.common import COMPUTE_DTYPE, matmul_gflops, mfu, parameters, report
 from selfreward.backends import Sampling, open_backend
-from selfreward.backends.decoding import shared_prefix_length
+from selfreward.backends.decoding import planned_tokens, prefix_plan
+from selfreward.backends.transformers import PREFIX_GROUP_OVERHEAD_TOKENS
 from selfreward.evaluation import load_ranked
 from selfreward.judge import SCORES, Judge, JudgeItem
 from selfreward.models import resolve_model
@@ -79,7 +80,7 @@ def main() -> None:
     prompts = [expected.prompt(item) + "Score: " for item in items]
     encoded = [backend.encode(p) for p in prompts]
     prompt_tokens = sum(map(len, encoded))
-    computed_tokens = prompt_tokens - (len(encoded) - 1) * shared_prefix_length(encoded)
+    computed_tokens = planned_tokens(encoded, *prefix_plan(encoded, PREFIX_GROUP_OVERHEAD_TOKENS))
     digit_ids = backend.single_token_ids(prompts[0], [str(s) for s in SCORES])
     expected.score(items[:2])  # warm-up
 

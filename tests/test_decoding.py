@@ -237,13 +237,14 @@ def test_last_token_logits_equal_a_plain_forward_pass_of_each_prompt(tiny_model,
 def test_last_token_logits_from_a_call_wide_prefix_equal_a_plain_forward_pass(tiny_model, tmp_path):
     """A prefix computed once for all rows, then batches of them: one whose rows share more than it (the
     instruction, computed once more for the batch), one whose rows share only it, and a single row."""
-    from selfreward.backends.decoding import last_token_logits, shared_prefix
+    from selfreward.backends.decoding import extended_prefix, last_token_logits, shared_prefix_length
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     rows = [tokenizer(text + " Score:")["input_ids"] for text in SAME_INSTRUCTION + [RUBRIC + p for p in PROMPTS]]
     with torch.inference_mode():
-        prefix = shared_prefix(model, rows)
-        assert prefix is not None and prefix.length >= len(tokenizer(RUBRIC)["input_ids"]) - 1
+        length = shared_prefix_length(rows)
+        assert length >= len(tokenizer(RUBRIC)["input_ids"]) - 1
+        prefix = extended_prefix(model, None, rows[0], length)
         fast = torch.cat([last_token_logits(model, [rows[i] for i in batch], tokenizer.pad_token_id, prefix)
                           for batch in ([0, 1], [2, 3, 4], [1])])
         plain = torch.stack([model(input_ids=torch.tensor([rows[i]])).logits[0, -1] for i in (0, 1, 2, 3, 4, 1)])
@@ -251,13 +252,15 @@ def test_last_token_logits_from_a_call_wide_prefix_equal_a_plain_forward_pass(ti
 
 
 def test_prefix_groups_keep_the_instructions_whose_shared_tokens_outweigh_a_group_of_their_own():
-    from selfreward.backends.decoding import MIN_SHARED_PREFIX, prefix_groups
+    from selfreward.backends.decoding import MIN_SHARED_PREFIX, planned_tokens, prefix_groups
 
     rubric, long, short = list(range(100, 110)), list(range(200, 240)), list(range(300, 300 + MIN_SHARED_PREFIX - 1))
     rows = [rubric + long + [1], rubric + [7, 8], rubric + long + [2, 3], rubric + short + [4],
             rubric + long + [5], rubric + short + [6], [9] * 12]
     # Three rows share 40 tokens past the rubric: 2 x 40 saved > 50, a group. Two share 15 (< MIN_SHARED_PREFIX).
     assert prefix_groups(rows, len(rubric), overhead=50) == [(50, [0, 2, 4]), (10, [1, 3, 5, 6])]
+    # The rubric once, the long instruction once (40) and 4 tokens after it, the other rows past the rubric.
+    assert planned_tokens(rows, 10, [(50, [0, 2, 4]), (10, [1, 3, 5, 6])]) == 10 + 40 + 4 + (2 + 16 + 16 + 2)
     # Saving 80 tokens does not outweigh an overhead of 80: everything stays in the group at the start.
     assert prefix_groups(rows, len(rubric), overhead=80) == [(10, list(range(7)))]
     # From the first token on, the short instruction's rows share 25 tokens: a group of its own where that pays.
@@ -265,13 +268,13 @@ def test_prefix_groups_keep_the_instructions_whose_shared_tokens_outweigh_a_grou
 
 
 def test_next_token_probs_do_not_depend_on_how_prompts_are_batched(tiny_model, tmp_path):
-    from selfreward.backends.decoding import shared_prefix_length, prefix_groups
-    from selfreward.backends.transformers import BATCH_OVERHEAD_TOKENS, TransformersBackend
+    from selfreward.backends.decoding import prefix_plan
+    from selfreward.backends.transformers import PREFIX_GROUP_OVERHEAD_TOKENS, TransformersBackend
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     with_rubric = SAME_INSTRUCTION + LONG_INSTRUCTION + [RUBRIC + p for p in PROMPTS]  # a call whose rows share the rubric
     encoded = [tokenizer(p)["input_ids"] for p in with_rubric]
-    groups = prefix_groups(encoded, shared_prefix_length(encoded), 2 * BATCH_OVERHEAD_TOKENS)
+    _, groups = prefix_plan(encoded, PREFIX_GROUP_OVERHEAD_TOKENS)
     assert [members for _, members in groups[:-1]] == [[2, 3, 4]]  # the long instruction is computed once
     prompts = with_rubric + ["Unrelated prompt without the rubric."]  # a call whose rows share nothing
     ids = list(range(5, 11))

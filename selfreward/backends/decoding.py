@@ -202,18 +202,6 @@ def _extend(model, cache, tokens: Sequence[int], start: int) -> None:
     )
 
 
-def shared_prefix(model, rows: Sequence[Sequence[int]]) -> Prefix | None:
-    """The rows' common start (a judge rubric, say) computed once, or None if it is too short to pay."""
-    from transformers import DynamicCache
-
-    length = shared_prefix_length(rows)
-    if length < MIN_SHARED_PREFIX:
-        return None
-    cache = DynamicCache(config=model.config)
-    _extend(model, cache, rows[0][:length], 0)
-    return Prefix(length, cache)
-
-
 def extended_prefix(model, prefix: Prefix | None, row: Sequence[int], length: int) -> Prefix:
     """`prefix` (None: nothing) continued with `row`'s tokens up to `length`, in a cache of its own."""
     from transformers import DynamicCache
@@ -246,11 +234,24 @@ def prefix_groups(rows: Sequence[Sequence[int]], start: int, overhead: int) -> l
     return groups + ([(start, sorted(rest))] if rest else [])
 
 
+def prefix_plan(rows: Sequence[Sequence[int]], overhead: int) -> tuple[int, list[tuple[int, list[int]]]]:
+    """What to compute once: the start of all rows (a judge rubric; 0 if shorter than MIN_SHARED_PREFIX),
+    and the `prefix_groups` past it."""
+    start = shared_prefix_length(rows)
+    start = start if start >= MIN_SHARED_PREFIX else 0
+    return start, prefix_groups(rows, start, overhead)
+
+
+def planned_tokens(rows: Sequence[Sequence[int]], start: int, groups: list[tuple[int, list[int]]]) -> int:
+    """Tokens that a `prefix_plan` computes: the start once, each group's shared part once, the rest per row."""
+    return start + sum(length - start + sum(len(rows[i]) - length for i in members) for length, members in groups)
+
+
 def last_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: Prefix | None = None) -> torch.Tensor:
     """(rows, vocab) next-token logits after each token list, from one forward pass.
 
-    Every row continues from a copy of `prefix` if given (from `shared_prefix` over a whole call, so a
-    rubric common to many batches is computed once); what the rows of this batch share beyond it is
+    Every row continues from a copy of `prefix` if given (from `extended_prefix`, so a rubric common to many batches
+    is computed once); what the rows of this batch share beyond it is
     computed once more and its cache shared; the rest of each row follows right-padded, so every real token
     sits at its true position and never sees padding. Only the last real position of each row goes
     through the LM head.

@@ -33,6 +33,8 @@ def token_batches(lengths: Sequence[int], max_rows: int) -> list[list[int]]:
 # cache), in tokens' worth of time: padding must save more than this before a batch is split. Measured on the
 # 2-core CPU, the 270M model reads ~300-430 tokens/s at 1 to 16 rows a pass, so small batches lose little.
 BATCH_OVERHEAD_TOKENS = 32
+# A group of rows with a prefix of their own costs its prefix's pass and a batch more.
+PREFIX_GROUP_OVERHEAD_TOKENS = 2 * BATCH_OVERHEAD_TOKENS
 
 
 def padded_batches(lengths: Sequence[int], max_rows: int, max_tokens: int, overhead: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
@@ -127,7 +129,7 @@ class TransformersBackend(Backend):
     def next_token_probs(self, prompts: Sequence[str], token_ids: Sequence[int]) -> list[list[float]]:
         import torch
 
-        from selfreward.backends.decoding import extended_prefix, last_token_logits, prefix_groups, shared_prefix
+        from selfreward.backends.decoding import extended_prefix, last_token_logits, prefix_plan
 
         encoded = [self.encode(p) for p in prompts]
         results: list[list[float]] = [[] for _ in prompts]
@@ -135,11 +137,12 @@ class TransformersBackend(Backend):
             return results
         index = torch.tensor(list(token_ids), device=self.device)
         with torch.inference_mode():
-            call = shared_prefix(self.model, encoded)  # the rubric, computed once for the whole call
-            computed = call.length if call else 0
-            # Then each instruction judged more than once, computed once for its responses.
-            for length, members in prefix_groups(encoded, computed, 2 * BATCH_OVERHEAD_TOKENS):
-                prefix = extended_prefix(self.model, call, encoded[members[0]], length) if length > computed else call
+            # The rubric, computed once for the whole call; then each instruction judged more than once,
+            # computed once for its responses.
+            start, groups = prefix_plan(encoded, PREFIX_GROUP_OVERHEAD_TOKENS)
+            call = extended_prefix(self.model, None, encoded[0], start) if start else None
+            for length, members in groups:
+                prefix = extended_prefix(self.model, call, encoded[members[0]], length) if length > start else call
                 lengths = [len(encoded[i]) - length for i in members]
                 for batch in padded_batches(lengths, self.batch_size, self.prefill_tokens):
                     rows = [members[i] for i in batch]
