@@ -14,8 +14,9 @@ Zen 4 CPU (bf16, head dim 256) it ran at ~110 GFLOP/s where a square matmul runs
 - A prompt's forward pass (many queries, a mask) is computed as two batched matrix products per slice of
   rows (or of one row's queries) whose fp32 scores stay within a couple of MiB, each product reading all G
   query heads of a key/value head at once; the softmax is fp32, the probabilities then take the model's
-  dtype, as transformers' `eager` attention does. 8 rows of 300 queries over 436 keys: 25 instead of 44 ms;
-  16 x 120 over 256: 11 instead of 20 ms; 2 x 1,200 over 1,336: 95 instead of 111 ms.
+  dtype, as transformers' `eager` attention does. Blocks of 128 queries skip the keys past their causal
+  reach. After a 136-token prefix, bf16: 8 rows of 300 queries 25 instead of 40 ms; 4 x 600: 31 instead of
+  64; 2 x 1,200: 50 instead of 108; 16 x 120: 10 instead of 19; 32 x 60: 10 instead of 18.
   (Microbenchmarks of Dec 3; the end-to-end figures are in DEVELOPERS.md.)
 
 Everything else (no mask, so `is_causal`; dropout; attention with a position bias or a paged cache; a model
