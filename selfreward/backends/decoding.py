@@ -202,11 +202,16 @@ def _extend(model, cache, tokens: Sequence[int], start: int) -> None:
     )
 
 
-def extended_prefix(model, prefix: Prefix | None, row: Sequence[int], length: int) -> Prefix:
-    """`prefix` (None: nothing) continued with `row`'s tokens up to `length`, in a cache of its own."""
+def _continued(model, prefix: Prefix | None) -> tuple[int, object]:
+    """Where rows continuing `prefix` start, and a copy of its cache to continue (None: position 0, empty)."""
     from transformers import DynamicCache
 
-    start, cache = (prefix.length, copy.deepcopy(prefix.cache)) if prefix else (0, DynamicCache(config=model.config))
+    return (prefix.length, copy.deepcopy(prefix.cache)) if prefix else (0, DynamicCache(config=model.config))
+
+
+def extended_prefix(model, prefix: Prefix | None, row: Sequence[int], length: int) -> Prefix:
+    """`prefix` (None: nothing) continued with `row`'s tokens up to `length`, in a cache of its own."""
+    start, cache = _continued(model, prefix)
     _extend(model, cache, row[start:length], start)
     return Prefix(length, cache)
 
@@ -250,16 +255,13 @@ def planned_tokens(rows: Sequence[Sequence[int]], start: int, groups: list[tuple
 def last_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: Prefix | None = None) -> torch.Tensor:
     """(rows, vocab) next-token logits after each token list, from one forward pass.
 
-    Every row continues from a copy of `prefix` if given (from `extended_prefix`, so a rubric common to many batches
-    is computed once); what the rows of this batch share beyond it is
-    computed once more and its cache shared; the rest of each row follows right-padded, so every real token
-    sits at its true position and never sees padding. Only the last real position of each row goes
-    through the LM head.
+    Every row continues from a copy of `prefix` if given (from `extended_prefix`, so a rubric common to many
+    batches is computed once); what the rows of this batch share beyond it is computed once more and its
+    cache shared; the rest of each row follows right-padded, so every real token sits at its true position
+    and never sees padding. Only the last real position of each row goes through the LM head.
     """
-    from transformers import DynamicCache
-
     device = model.device
-    start, cache = (prefix.length, copy.deepcopy(prefix.cache)) if prefix else (0, DynamicCache(config=model.config))
+    start, cache = _continued(model, prefix)
     shared = shared_prefix_length(rows)
     if shared - start >= MIN_SHARED_PREFIX:
         _extend(model, cache, rows[0][start:shared], start)
