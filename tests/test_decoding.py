@@ -234,6 +234,24 @@ def test_last_token_logits_equal_a_plain_forward_pass_of_each_prompt(tiny_model,
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+def test_last_layer_only_at_gives_the_kept_positions_their_full_pass_output_and_computes_no_other(tiny_model, tmp_path):
+    from selfreward.backends.decoding import last_layer_only_at
+
+    model, tokenizer = tiny_gemma(tiny_model, tmp_path)
+    input_ids = torch.tensor([tokenizer(p)["input_ids"][:8] for p in (PROMPTS[0], PROMPTS[2])])
+    rows, positions = torch.tensor([0, 1, 1]), torch.tensor([7, 2, 5])
+    seen = []
+    model.model.layers[-1].mlp.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[:-1].numel()))
+    with torch.inference_mode():
+        plain = model(input_ids=input_ids).logits
+        with last_layer_only_at(model, rows, positions):
+            fast = model(input_ids=input_ids).logits
+        assert seen == [16, 3]  # the MLP of the last layer saw every position, then only the three kept ones
+        torch.testing.assert_close(fast[rows, positions], plain[rows, positions], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(fast[0, :7], plain[0, :7])  # positions that were not kept are not computed
+        torch.testing.assert_close(model(input_ids=input_ids).logits, plain)  # the hooks are gone after the block
+
+
 def test_last_token_logits_from_a_call_wide_prefix_equal_a_plain_forward_pass(tiny_model, tmp_path):
     """A prefix computed once for all rows, then batches of them: one whose rows share more than it (the
     instruction, computed once more for the batch), one whose rows share only it, and a single row."""

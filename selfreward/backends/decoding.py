@@ -15,7 +15,8 @@ other rows share its batch: batch size, sorting and early exits change nothing b
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,41 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, unifor
     return ids.gather(-1, choice).squeeze(-1)
 
 
+@contextmanager
+def last_layer_only_at(model, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
+    """Within the block, the model's last decoder layer computes its attention output projection and its MLP
+    only at positions (rows[i], positions[i]): the only ones whose output anything reads when the LM head
+    sees just them, or none (a pass that only fills the cache). The layer's keys and values, which the
+    cache keeps, come before both and are computed everywhere; the layer's output at the other positions
+    is meaningless and must not be read.
+
+    Both parts act on each position alone, so the kept positions get what the whole layer gives them. For
+    the 270M model the pair is ~2/3 of a layer's matmul FLOPs, and the last of 18 layers is ~4 % of a
+    judging call's work. A model whose last layer lacks `self_attn.o_proj` or `mlp` runs unchanged."""
+    layer = model.get_decoder().layers[-1]
+    parts = [getattr(getattr(layer, "self_attn", None), "o_proj", None), getattr(layer, "mlp", None)]
+    if any(part is None for part in parts):
+        yield
+        return
+    shapes: dict[int, torch.Size] = {}
+
+    def gather(module, args):
+        shapes[id(module)] = args[0].shape
+        return (args[0][rows, positions].unsqueeze(0), *args[1:])
+
+    def scatter(module, args, output):
+        full = output.new_zeros(*shapes[id(module)][:-1], output.shape[-1])
+        full[rows, positions] = output[0]
+        return full
+
+    handles = [hook for part in parts for hook in (part.register_forward_pre_hook(gather), part.register_forward_hook(scatter))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def sample(
     model,
     input_ids: torch.Tensor,
@@ -140,10 +176,12 @@ def sample(
     uniforms = row_uniforms(seeds, max_new_tokens)
     cache = reserved_cache(model.config, input_ids.shape[1] + max_new_tokens)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    prefill = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-        use_cache=True, logits_to_keep=1,
-    )
+    batch = torch.arange(input_ids.shape[0], device=device)
+    with last_layer_only_at(model, batch, torch.full_like(batch, input_ids.shape[1] - 1)):  # left-padded: the last column
+        prefill = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+            use_cache=True, logits_to_keep=1,
+        )
     logits = prefill.logits[:, -1, :].repeat_interleave(n, dim=0)
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -187,7 +225,7 @@ def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
 
 @dataclass
 class Prefix:
-    """A computed start that rows share: its length and its cache, which `last_token_logits` copies."""
+    """A computed start that rows share: its length and its cache, which `last_token_hidden` copies."""
 
     length: int
     cache: object
@@ -196,10 +234,12 @@ class Prefix:
 def _extend(model, cache, tokens: Sequence[int], start: int) -> None:
     """Compute `tokens` (one row, positions from `start`) into `cache`."""
     device = model.device
-    model.get_decoder()(
-        input_ids=torch.tensor([list(tokens)], device=device), past_key_values=cache, use_cache=True,
-        position_ids=torch.arange(start, start + len(tokens), device=device).unsqueeze(0),
-    )
+    nowhere = torch.empty(0, dtype=torch.long, device=device)
+    with last_layer_only_at(model, nowhere, nowhere):
+        model.get_decoder()(
+            input_ids=torch.tensor([list(tokens)], device=device), past_key_values=cache, use_cache=True,
+            position_ids=torch.arange(start, start + len(tokens), device=device).unsqueeze(0),
+        )
 
 
 def _continued(model, prefix: Prefix | None) -> tuple[int, object]:
@@ -252,13 +292,14 @@ def planned_tokens(rows: Sequence[Sequence[int]], start: int, groups: list[tuple
     return start + sum(length - start + sum(len(rows[i]) - length for i in members) for length, members in groups)
 
 
-def last_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: Prefix | None = None) -> torch.Tensor:
-    """(rows, vocab) next-token logits after each token list, from one forward pass.
+def last_token_hidden(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: Prefix | None = None) -> torch.Tensor:
+    """(rows, hidden) final hidden state after each token list, from one forward pass; `head_logits` turns
+    it into next-token logits (callers with many batches apply the LM head once, to all of them).
 
     Every row continues from a copy of `prefix` if given (from `extended_prefix`, so a rubric common to many
     batches is computed once); what the rows of this batch share beyond it is computed once more and its
     cache shared; the rest of each row follows right-padded, so every real token sits at its true position
-    and never sees padding. Only the last real position of each row goes through the LM head.
+    and never sees padding. The last layer works past attention only at each row's last real position.
     """
     device = model.device
     start, cache = _continued(model, prefix)
@@ -275,9 +316,21 @@ def last_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int, prefix:
     for r, length in enumerate(lengths):
         attention_mask[r, start + length :] = 0
     positions = torch.arange(start, start + width, device=device).expand(len(rows), -1)
-    hidden = model.get_decoder()(input_ids=suffix, attention_mask=attention_mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True).last_hidden_state
-    last = hidden[torch.arange(len(rows), device=device), torch.tensor(lengths, device=device) - 1]
-    logits = model.get_output_embeddings()(last).float()
+    batch, last = torch.arange(len(rows), device=device), torch.tensor(lengths, device=device) - 1
+    with last_layer_only_at(model, batch, last):
+        hidden = model.get_decoder()(input_ids=suffix, attention_mask=attention_mask, position_ids=positions,
+                                     past_key_values=cache, use_cache=True).last_hidden_state
+    return hidden[batch, last]
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """(rows, vocab) float32 logits of (rows, hidden) final hidden states: the LM head, then the model's
+    final soft-capping if it has one."""
+    logits = model.get_output_embeddings()(hidden).float()
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def last_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: Prefix | None = None) -> torch.Tensor:
+    """(rows, vocab) next-token logits after each token list (`last_token_hidden`, then the LM head)."""
+    return head_logits(model, last_token_hidden(model, rows, pad_id, prefix))

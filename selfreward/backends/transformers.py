@@ -33,6 +33,8 @@ def token_batches(lengths: Sequence[int], max_rows: int) -> list[list[int]]:
 # cache), in tokens' worth of time: padding must save more than this before a batch is split. Measured on the
 # 2-core CPU, the 270M model reads ~300-430 tokens/s at 1 to 16 rows a pass, so small batches lose little.
 BATCH_OVERHEAD_TOKENS = 32
+# Rows per LM-head call in `next_token_probs` (their float32 logits: 256 x 262k x 4 bytes = 256 MiB).
+HEAD_ROWS = 256
 # A group of rows with a prefix of their own costs its prefix's pass and a batch more.
 PREFIX_GROUP_OVERHEAD_TOKENS = 2 * BATCH_OVERHEAD_TOKENS
 
@@ -129,27 +131,29 @@ class TransformersBackend(Backend):
     def next_token_probs(self, prompts: Sequence[str], token_ids: Sequence[int]) -> list[list[float]]:
         import torch
 
-        from selfreward.backends.decoding import extended_prefix, last_token_logits, prefix_plan
+        from selfreward.backends.decoding import extended_prefix, head_logits, last_token_hidden, prefix_plan
 
         encoded = [self.encode(p) for p in prompts]
-        results: list[list[float]] = [[] for _ in prompts]
         if not encoded:
-            return results
+            return []
         index = torch.tensor(list(token_ids), device=self.device)
         with torch.inference_mode():
             # The rubric, computed once for the whole call; then each instruction judged more than once,
             # computed once for its responses.
             start, groups = prefix_plan(encoded, PREFIX_GROUP_OVERHEAD_TOKENS)
             call = extended_prefix(self.model, None, encoded[0], start) if start else None
+            hidden = [None] * len(encoded)
             for length, members in groups:
                 prefix = extended_prefix(self.model, call, encoded[members[0]], length) if length > start else call
                 lengths = [len(encoded[i]) - length for i in members]
                 for batch in padded_batches(lengths, self.batch_size, self.prefill_tokens):
                     rows = [members[i] for i in batch]
-                    logits = last_token_logits(self.model, [encoded[i] for i in rows], self.tokenizer.pad_token_id or 0, prefix)
-                    for row, values in zip(rows, torch.softmax(logits, dim=-1)[:, index].tolist()):
-                        results[row] = values
-        return results
+                    for row, state in zip(rows, last_token_hidden(self.model, [encoded[i] for i in rows], self.tokenizer.pad_token_id or 0, prefix)):
+                        hidden[row] = state
+            # The LM head reads all of its weights per call: once for many rows, not once per small batch.
+            stacked = torch.stack(hidden)
+            return [values for chunk in stacked.split(HEAD_ROWS)
+                    for values in torch.softmax(head_logits(self.model, chunk), dim=-1)[:, index].tolist()]
 
     def close(self) -> None:
         import torch
