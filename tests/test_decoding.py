@@ -223,13 +223,13 @@ LONG_INSTRUCTION = [RUBRIC + "Plan a three day walking tour of Lisbon for two re
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_last_token_logits_equal_a_plain_forward_pass_of_each_prompt(tiny_model, tmp_path, shared):
-    from selfreward.backends.decoding import last_token_logits
+def test_last_token_hidden_through_the_head_equals_a_plain_forward_pass_of_each_prompt(tiny_model, tmp_path, shared):
+    from selfreward.backends.decoding import head_logits, last_token_hidden
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     rows = [tokenizer((RUBRIC if shared else "") + p + " Score:")["input_ids"] for p in PROMPTS]
     with torch.inference_mode():
-        fast = last_token_logits(model, rows, tokenizer.pad_token_id)
+        fast = head_logits(model, last_token_hidden(model, rows, tokenizer.pad_token_id))
         plain = torch.stack([model(input_ids=torch.tensor([row])).logits[0, -1] for row in rows])
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
@@ -252,10 +252,10 @@ def test_last_layer_only_at_gives_the_kept_positions_their_full_pass_output_and_
         torch.testing.assert_close(model(input_ids=input_ids).logits, plain)  # the hooks are gone after the block
 
 
-def test_last_token_logits_from_a_call_wide_prefix_equal_a_plain_forward_pass(tiny_model, tmp_path):
+def test_last_token_hidden_from_a_call_wide_prefix_through_the_head_equals_a_plain_forward_pass(tiny_model, tmp_path):
     """A prefix computed once for all rows, then batches of them: one whose rows share more than it (the
     instruction, computed once more for the batch), one whose rows share only it, and a single row."""
-    from selfreward.backends.decoding import extended_prefix, last_token_logits, shared_prefix_length
+    from selfreward.backends.decoding import extended_prefix, head_logits, last_token_hidden, shared_prefix_length
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     rows = [tokenizer(text + " Score:")["input_ids"] for text in SAME_INSTRUCTION + [RUBRIC + p for p in PROMPTS]]
@@ -263,7 +263,7 @@ def test_last_token_logits_from_a_call_wide_prefix_equal_a_plain_forward_pass(ti
         length = shared_prefix_length(rows)
         assert length >= len(tokenizer(RUBRIC)["input_ids"]) - 1
         prefix = extended_prefix(model, None, rows[0], length)
-        fast = torch.cat([last_token_logits(model, [rows[i] for i in batch], tokenizer.pad_token_id, prefix)
+        fast = torch.cat([head_logits(model, last_token_hidden(model, [rows[i] for i in batch], tokenizer.pad_token_id, prefix))
                           for batch in ([0, 1], [2, 3, 4], [1])])
         plain = torch.stack([model(input_ids=torch.tensor([rows[i]])).logits[0, -1] for i in (0, 1, 2, 3, 4, 1)])
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)

@@ -330,7 +330,3 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     return softcap * torch.tanh(logits / softcap) if softcap else logits
 
-
-def last_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: Prefix | None = None) -> torch.Tensor:
-    """(rows, vocab) next-token logits after each token list (`last_token_hidden`, then the LM head)."""
-    return head_logits(model, last_token_hidden(model, rows, pad_id, prefix))
