@@ -194,13 +194,32 @@ def test_grouped_attention_equals_sdpa_attention(heads, kv_heads, queries, paddi
     torch.testing.assert_close(ours[attends], plain[attends], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("scores_per_slice", [1, 4 * 7 * 11, 3 * 4 * 7 * 11 - 1])
-def test_sliced_attention_is_the_same_in_slices_of_queries_or_of_rows(scores_per_slice):
+@pytest.mark.parametrize("scaling", [0.25, 0.3])
+def test_grouped_attention_in_bf16_is_fp32_attention_up_to_bf16_rounding(scaling):
+    """bf16 keeps its scores and probabilities in bf16 (scaled query, softmax that works in fp32 inside):
+    the output stays within a few bf16 units of fp32 attention on the same inputs."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from selfreward.backends.attention import grouped_attention
+
+    query, key, value, mask = (t.bfloat16() if t.is_floating_point() else t for t in attention_inputs(4, 1, 7, "right"))
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    ours, _ = grouped_attention(module, query, key, value, mask, scaling=scaling)
+    plain, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, scaling=scaling)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), plain, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("scores_per_slice,query_block", [(1, 128), (4 * 7 * 11, 128), (3 * 4 * 7 * 11 - 1, 128), (1 << 30, 3), (4 * 3 * 11, 2)])
+def test_sliced_attention_is_the_same_in_slices_of_queries_or_of_rows(scores_per_slice, query_block):
     from selfreward.backends.attention import sliced_attention
 
     query, key, value, mask = attention_inputs(4, 1, 7, "right")
     whole = sliced_attention(query, key, value, mask, 0.3, scores_per_slice=1 << 30)
-    torch.testing.assert_close(sliced_attention(query, key, value, mask, 0.3, scores_per_slice), whole, rtol=1e-6, atol=1e-6)
+    sliced = sliced_attention(query, key, value, mask, 0.3, scores_per_slice, query_block)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
 
 
 def test_sample_tokens_is_greedy_at_temperature_zero_and_follows_the_uniform_number():

@@ -12,12 +12,18 @@ Zen 4 CPU (bf16, head dim 256) it ran at ~110 GFLOP/s where a square matmul runs
   positions of that one head: one SDPA call, one tile per (row, key/value head). A 64-row call took 0.35
   instead of 3.4 ms at 40 cached positions, 6 instead of 55 ms at 700.
 - A prompt's forward pass (many queries, a mask) is computed as two batched matrix products per slice of
-  rows (or of one row's queries) whose fp32 scores stay within a couple of MiB, each product reading all G
-  query heads of a key/value head at once; the softmax is fp32, the probabilities then take the model's
-  dtype, as transformers' `eager` attention does. Blocks of 128 queries skip the keys past their causal
-  reach. After a 136-token prefix, bf16: 8 rows of 300 queries 25 instead of 40 ms; 4 x 600: 31 instead of
-  64; 2 x 1,200: 50 instead of 108; 16 x 120: 10 instead of 19; 32 x 60: 10 instead of 18.
-  (Microbenchmarks of Dec 3; the end-to-end figures are in DEVELOPERS.md.)
+  rows (or of one row's queries) whose scores stay within a couple of MiB, each product reading all G
+  query heads of a key/value head at once. Blocks of 128 queries skip the keys past their causal reach.
+  After a 136-token prefix, bf16: 8 rows of 300 queries 25 instead of 40 ms; 4 x 600: 31 instead of 64;
+  2 x 1,200: 50 instead of 108; 16 x 120: 10 instead of 19; 32 x 60: 10 instead of 18 (microbenchmarks of
+  Dec 3, scores in fp32; the end-to-end figures are in DEVELOPERS.md).
+- The scores stay in the model's dtype, as the product writes them: the query is scaled before the
+  product (exact when the scale is a power of two, as Gemma 3's 1/16 is; otherwise one rounding, as
+  transformers' `eager` attention has when it scales bf16 scores), the mask is filled in, and PyTorch's
+  softmax, which works in fp32 inside, writes the probabilities in that dtype. Casting the scores to fp32,
+  scaling, masking, a softmax and a cast back were five passes over four-byte values: a bf16 block of 128
+  queries over 600 keys took 1.7 ms instead of 3.4 (Dec 4) with the same output; the probabilities differ
+  from a cast fp32 softmax by at most a unit in the last place of a value near zero (1.2e-7).
 
 Everything else (no mask, so `is_causal`; dropout; attention with a position bias or a paged cache; a model
 whose heads are not grouped) stays with transformers' `sdpa`. On a GPU, whose SDPA kernels are another
@@ -72,33 +78,34 @@ def grouped_attention(
 def sliced_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float,
                      scores_per_slice: int = SCORES_PER_SLICE, query_block: int = QUERY_BLOCK) -> torch.Tensor:
     """Masked attention of many queries (`mask`: True = may attend, (rows or 1, 1, queries, keys)), in
-    slices of rows, or of one row's queries, whose scores fit in `scores_per_slice`.
+    slices of rows and of their queries whose scores fit in `scores_per_slice`.
 
-    A slice of a row's queries reads only the keys up to the last one any of them may see: in a causal
-    prompt after `keys - queries` cached positions, that skips most of the masked half of the prompt's own
-    keys."""
+    The queries are cut into equal blocks of at most `query_block` (135 queries are two blocks of 68, not
+    128 and 7), and a slice of a block's queries reads only the keys up to the last one any of them may
+    see: in a causal prompt after `keys - queries` cached positions, that skips most of the masked half of
+    the prompt's own keys. As many rows as fit share each product."""
     rows, heads, queries, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     output = query.new_empty(rows, queries, heads, dim)
-    lowest = torch.finfo(torch.float32).min  # not -inf: a row with nothing to attend to stays finite
-    if queries <= query_block and heads * queries * keys <= scores_per_slice:
-        row_step, query_step = max(1, scores_per_slice // (heads * queries * keys)), queries
-    else:
-        row_step, query_step = 1, max(1, min(query_block, scores_per_slice // (heads * keys)))
-    for first in range(0, rows, row_step):
-        last = min(rows, first + row_step)
-        visible = mask[first:last] if mask.shape[0] > 1 else mask
-        for start in range(0, queries, query_step):
-            end = min(queries, start + query_step)
+    lowest = torch.finfo(query.dtype).min  # not -inf: a row with nothing to attend to stays finite
+    blocks = -(-queries // query_block)
+    query_step = max(1, min(-(-queries // blocks), scores_per_slice // (heads * keys)))
+    row_step = max(1, scores_per_slice // (heads * query_step * keys))
+    for start in range(0, queries, query_step):
+        end = min(queries, start + query_step)
+        reach = keys - queries + end  # causal: these queries see no key after their own positions
+        for first in range(0, rows, row_step):
+            last = min(rows, first + row_step)
             count, span = last - first, end - start
-            seen = visible[:, :, start:end]
-            reach = keys - queries + end  # causal: these queries see no key after their own positions
+            seen = (mask[first:last] if mask.shape[0] > 1 else mask)[:, :, start:end]
             width = reach if reach < keys and not seen[..., reach:].any() else keys
-            grouped = query[first:last, :, start:end].reshape(count, kv_heads, groups * span, dim)
-            scores = torch.matmul(grouped, key[first:last, :, :width].transpose(-1, -2)).float().mul_(scale)
+            # Scaled into a contiguous block (one pass: the model's query is a transposed view).
+            grouped = torch.mul(query[first:last, :, start:end], scale, out=query.new_empty(count, heads, span, dim))
+            grouped = grouped.view(count, kv_heads, groups * span, dim)
+            scores = torch.matmul(grouped, key[first:last, :, :width].transpose(-1, -2))
             scores = scores.view(count, kv_heads, groups, span, width).masked_fill_(~seen[:, :, None, :, :width], lowest)
-            probs = torch.softmax(scores, dim=-1).to(query.dtype).view(count, kv_heads, groups * span, width)
+            probs = torch.softmax(scores, dim=-1).view(count, kv_heads, groups * span, width)
             output[first:last, start:end] = torch.matmul(probs, value[first:last, :, :width]).view(count, heads, span, dim).transpose(1, 2)
     return output
 
