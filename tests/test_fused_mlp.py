@@ -1,0 +1,68 @@
+"""The fused MLP (`backends.fused_mlp`) against each layer's own forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from selfreward.backends.fused_mlp import use_fused_mlp
+
+
+def tiny(kind: str, dtype: torch.dtype):
+    """A tiny random Gemma 3 (tanh GELU) or Llama (SiLU) of three layers."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1)
+    if kind == "gemma":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    return model.to(dtype).eval()
+
+
+INPUT = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kind", ["gemma", "llama"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_fused_mlp_gives_every_layer_the_logits_of_its_own_forward(kind, dtype, tolerance):
+    model = tiny(kind, dtype)
+    with torch.inference_mode():
+        plain = model(input_ids=INPUT).logits.float()
+        assert use_fused_mlp(model) == 3
+        fused = model(input_ids=INPUT).logits.float()
+    assert all("forward" in vars(layer.mlp) for layer in model.model.layers)
+    # Rounding moves the logits by ~1e-7 of their size in fp32, ~3e-3 in bf16; a wrong post-op (no
+    # activation, the activation on `up`) by about their own size.
+    assert (fused - plain).abs().mean() <= tolerance * plain.abs().mean()
+
+
+def test_fused_mlp_leaves_training_to_the_layers_own_forward():
+    model = tiny("gemma", torch.float32)
+    use_fused_mlp(model)
+    model(input_ids=INPUT).logits.sum().backward()
+    assert model.model.layers[0].mlp.gate_proj.weight.grad is not None
+
+
+class SwappedMLP(nn.Module):
+    """The gated shape with the activation on the other product: `_fusable` cannot tell it apart."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+
+    def forward(self, x):
+        return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
+
+
+def test_fused_mlp_skips_layers_whose_mlp_computes_something_else():
+    model = tiny("llama", torch.float32)
+    model.model.layers[0].mlp = SwappedMLP(model.model.layers[0].mlp)
+    model.model.layers[1].mlp.act_fn = nn.ReLU()
+    with torch.inference_mode():
+        plain = model(input_ids=INPUT).logits
+        assert use_fused_mlp(model) == 1  # only the third layer is the plain gated MLP
+        torch.testing.assert_close(model(input_ids=INPUT).logits, plain, rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(model.model.layers[0].mlp) and "forward" not in vars(model.model.layers[1].mlp)
