@@ -1,4 +1,4 @@
-"""The fused MLP (`backends.fused_mlp`) against each layer's own forward."""
+"""Decoder layers on oneDNN (`backends.onednn`) against their own forward."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from selfreward.backends.fused_mlp import use_fused_mlp
+from selfreward.backends.onednn import OneDnnLayers, use_onednn
 
 
 def tiny(kind: str, dtype: torch.dtype):
@@ -27,21 +27,30 @@ INPUT = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
 @pytest.mark.parametrize("kind", ["gemma", "llama"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_fused_mlp_gives_every_layer_the_logits_of_its_own_forward(kind, dtype, tolerance):
+def test_onednn_layers_give_the_logits_of_the_models_own_forward(kind, dtype, tolerance):
     model = tiny(kind, dtype)
     with torch.inference_mode():
         plain = model(input_ids=INPUT).logits.float()
-        assert use_fused_mlp(model) == 3
+        assert use_onednn(model) == OneDnnLayers(linears=3 * 7, mlps=3)  # q, k, v, o, gate, up, down
         fused = model(input_ids=INPUT).logits.float()
-    assert all("forward" in vars(layer.mlp) for layer in model.model.layers)
+    assert all("forward" in vars(layer.mlp) and "forward" in vars(layer.self_attn.q_proj) for layer in model.model.layers)
     # Rounding moves the logits by ~1e-7 of their size in fp32, ~3e-3 in bf16; a wrong post-op (no
     # activation, the activation on `up`) by about their own size.
     assert (fused - plain).abs().mean() <= tolerance * plain.abs().mean()
 
 
-def test_fused_mlp_leaves_training_to_the_layers_own_forward():
+def test_packed_weights_give_the_products_of_the_layers_own_weights_bit_for_bit_in_bf16():
+    model = tiny("llama", torch.bfloat16)
+    use_onednn(model)
+    linear = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(5, 3, 32, generator=torch.Generator().manual_seed(2)).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(linear(x), torch.nn.functional.linear(x, linear.weight))
+
+
+def test_onednn_layers_leave_training_to_the_layers_own_forward():
     model = tiny("gemma", torch.float32)
-    use_fused_mlp(model)
+    use_onednn(model)
     model(input_ids=INPUT).logits.sum().backward()
     assert model.model.layers[0].mlp.gate_proj.weight.grad is not None
 
@@ -63,6 +72,6 @@ def test_fused_mlp_skips_layers_whose_mlp_computes_something_else():
     model.model.layers[1].mlp.act_fn = nn.ReLU()
     with torch.inference_mode():
         plain = model(input_ids=INPUT).logits
-        assert use_fused_mlp(model) == 1  # only the third layer is the plain gated MLP
+        assert use_onednn(model).mlps == 1  # only the third layer is the plain gated MLP
         torch.testing.assert_close(model(input_ids=INPUT).logits, plain, rtol=1e-5, atol=1e-5)
     assert "forward" not in vars(model.model.layers[0].mlp) and "forward" not in vars(model.model.layers[1].mlp)

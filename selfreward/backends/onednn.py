@@ -1,0 +1,106 @@
+"""A CPU model's decoder layers on oneDNN, the library behind PyTorch's CPU matrix products, called the way
+PyTorch's own compiler calls it for inference (`torch.ops.mkldnn`): weights packed once, and the gated MLP's
+activation and product fused into its products.
+
+- **Packed weights.** `F.linear` in bf16 hands oneDNN the weight in PyTorch's row-major layout, and oneDNN
+  reorders it into its blocked layout on every call. Reordered once, at load time, a 640 -> 4096 product took
+  0.06 instead of 0.14 ms for one row, 0.12 instead of 0.21 for 8, 0.77 instead of 0.88 for 64, and ~5 %
+  less at 150-1,300 rows (2-core Zen 4, Dec 4); the results are bit for bit the same in bf16. Expected-mode
+  judging ran 0.89x the time in an in-process A/B (4 alternating rounds, same scores).
+- **The gated MLP** (`down(act(gate(x)) * up(x))`: Gemma, Llama, Qwen, Mistral) is three products and two
+  elementwise passes over the (tokens, intermediate) activations in eager PyTorch, and its tanh-GELU runs at
+  ~1.2 ns an element in bf16 here. oneDNN applies the activation to the gate product's fp32 accumulators
+  and multiplies by `up` inside the second product. The function is the same; the roundings differ (the
+  activation reads the fp32 accumulator, not a bf16 copy), if anything towards fp32: on random 4 x 300
+  tokens at the 270M model's sizes the mean relative error to fp32 was 0.47 % against eager bf16's 0.53 %.
+
+The packed copy of a weight is kept beside the layer's own (~200 MB for the 270M model's decoder), which
+training and anything that reads the weights still use: with gradients enabled every layer runs its own
+forward. An MLP of another shape (a bias, an activation oneDNN lacks, another formula, found by comparing
+the two on a random input) keeps its own forward, with packed products.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+# oneDNN's name and algorithm for each activation class that transformers' MLPs use.
+_POST_OPS = {"GELUTanh": ("gelu", "tanh"), "SiLUActivation": ("swish", ""), "SiLU": ("swish", "")}
+# The rows a packed layout is chosen for (a judging pass has ~100-1,000; decoding 1-64 gains most anyway).
+_PACKED_FOR_ROWS = 512
+# How far the fused MLP may be from the layer's own forward on a random input, relative to the output's
+# mean size: rounding in bf16 gives ~0.5 %; another formula (act(up) * gate, a missing scale) gives ~100 %.
+_AGREEMENT = 0.05
+
+
+class OneDnnLayers(NamedTuple):
+    linears: int  # products on packed weights
+    mlps: int  # MLPs with the activation and the product fused in
+
+
+def packed_linear_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` on the weight oneDNN packed at load time."""
+    if torch.is_grad_enabled():
+        return nn.Linear.forward(linear, x)
+    return torch.ops.mkldnn._linear_pointwise(x, linear.packed_weight, linear.bias, "none", [], "")
+
+
+def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))` with the activation and the product
+    inside the products."""
+    if torch.is_grad_enabled():
+        return type(mlp).forward(mlp, x)
+    linear = torch.ops.mkldnn._linear_pointwise
+    attr, algorithm = _POST_OPS[type(mlp.act_fn).__name__]
+    gated = linear(x, mlp.gate_proj.packed_weight, None, attr, [], algorithm)
+    return mlp.down_proj(linear.binary(x, gated, mlp.up_proj.packed_weight, None, "mul"))
+
+
+def _packable(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Linear) and module.weight.device.type == "cpu"
+            and module.weight.dtype in (torch.float32, torch.bfloat16))
+
+
+def _fusable(mlp: nn.Module) -> bool:
+    parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    return (all(hasattr(part, "packed_weight") and part.bias is None for part in parts)
+            and type(getattr(mlp, "act_fn", None)).__name__ in _POST_OPS)
+
+
+def _agrees(mlp: nn.Module) -> bool:
+    weight = mlp.gate_proj.weight
+    x = torch.randn(2, 8, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    with torch.inference_mode():
+        own = type(mlp).forward(mlp, x).float()
+        try:
+            fused = fused_mlp_forward(mlp, x).float()
+        except RuntimeError:  # a oneDNN without the post-op
+            return False
+    return bool((fused - own).abs().mean() <= _AGREEMENT * own.abs().mean())
+
+
+def use_onednn(model) -> OneDnnLayers:
+    """Give every linear layer of a CPU model's decoder layers `packed_linear_forward`, then each gated MLP
+    that computes what its own forward does `fused_mlp_forward`; returns how many of each (none on a GPU,
+    or with a PyTorch built without oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return OneDnnLayers(0, 0)
+    linears = mlps = 0
+    for layer in getattr(model.get_decoder(), "layers", []):
+        for module in layer.modules():
+            if _packable(module):
+                try:
+                    module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), _PACKED_FOR_ROWS)
+                except RuntimeError:  # a CPU or oneDNN build without this layout: the layer keeps F.linear
+                    continue
+                module.forward = types.MethodType(packed_linear_forward, module)
+                linears += 1
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and _fusable(mlp) and _agrees(mlp):
+            mlp.forward = types.MethodType(fused_mlp_forward, mlp)
+            mlps += 1
+    return OneDnnLayers(linears, mlps)
