@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from selfreward.backends.attention import use_grouped_attention
 from selfreward.backends.base import Backend, Completion, Sampling, cut_at_stop
+from selfreward.backends.norms import use_inplace_norms
 from selfreward.backends.onednn import use_onednn
 from selfreward.models import load_causal_lm, load_tokenizer, stop_token_ids
 from selfreward.precision import default_device, inference_dtype
@@ -73,6 +74,7 @@ class TransformersBackend(Backend):
         self.model = load_causal_lm(model_path, self.dtype, trust_remote_code, self.device).eval()
         use_grouped_attention(self.model)
         use_onednn(self.model)
+        use_inplace_norms(self.model)
         self.stop_ids = stop_token_ids(self.tokenizer, model_path)
         self.batch_size = config.batch_size
         self.prefill_tokens = config.prefill_tokens
