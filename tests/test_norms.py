@@ -25,3 +25,12 @@ def test_inplace_norms_leave_other_norms_and_training_alone():
     use_inplace_norms(gemma)
     gemma(input_ids=INPUT).logits.sum().backward()
     assert gemma.model.layers[0].input_layernorm.weight.grad is not None
+
+
+def test_models_off_the_cpu_keep_their_own_norms_and_linears():
+    from selfreward.backends.onednn import OneDnnLayers, use_onednn
+
+    model = tiny("gemma", torch.bfloat16).to("meta")  # stands for a GPU: a device that is not the CPU
+    assert use_inplace_norms(model) == 0
+    assert use_onednn(model) == OneDnnLayers(0, 0)
+    assert not any("forward" in vars(module) for module in model.modules())

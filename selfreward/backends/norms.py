@@ -35,11 +35,11 @@ def _same(norm: nn.Module) -> bool:
 
 
 def use_inplace_norms(model) -> int:
-    """Give every Gemma RMS norm of the model's decoder `inplace_norm_forward` where it gives the same bits as
-    its own forward; returns how many got it."""
+    """Give every Gemma RMS norm of a CPU model's decoder `inplace_norm_forward` where it gives the same bits
+    as its own forward; returns how many got it (none on a GPU, whose caching allocator reuses memory)."""
     changed = 0
     for module in model.get_decoder().modules():
-        if type(module).__name__ in _ONE_PLUS_WEIGHT_NORMS and _same(module):
+        if type(module).__name__ in _ONE_PLUS_WEIGHT_NORMS and module.weight.device.type == "cpu" and _same(module):
             module.forward = types.MethodType(inplace_norm_forward, module)
             changed += 1
     return changed
