@@ -12,8 +12,9 @@ Zen 4 CPU (bf16, head dim 256) it ran at ~110 GFLOP/s where a square matmul runs
   positions of that one head: one SDPA call, one tile per (row, key/value head). A 64-row call took 0.35
   instead of 3.4 ms at 40 cached positions, 6 instead of 55 ms at 700.
 - A prompt's forward pass (many queries, a mask) is computed as two batched matrix products per slice of
-  rows (or of one row's queries) whose scores stay within a couple of MiB, each product reading all G
-  query heads of a key/value head at once. Blocks of 128 queries skip the keys past their causal reach.
+  rows and of their queries whose scores stay within a couple of MiB, each product reading all G query
+  heads of a key/value head at once. Equal blocks of at most 128 queries skip the keys past their causal
+  reach.
   After a 136-token prefix, bf16: 8 rows of 300 queries 25 instead of 40 ms; 4 x 600: 31 instead of 64;
   2 x 1,200: 50 instead of 108; 16 x 120: 10 instead of 19; 32 x 60: 10 instead of 18 (microbenchmarks of
   Dec 3, scores in fp32; the end-to-end figures are in DEVELOPERS.md).
