@@ -288,6 +288,25 @@ def test_last_token_hidden_from_a_call_wide_prefix_through_the_head_equals_a_pla
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+def test_last_token_hidden_computes_a_lone_row_in_one_pass_and_rows_sharing_more_than_the_prefix_in_two(tiny_model, tmp_path):
+    from selfreward.backends.decoding import extended_prefix, head_logits, last_token_hidden
+
+    model, tokenizer = tiny_gemma(tiny_model, tmp_path)
+    rows = [tokenizer(text + " Score:")["input_ids"] for text in SAME_INSTRUCTION]
+    rubric = len(tokenizer(RUBRIC)["input_ids"]) - 1
+    passes = []
+    with torch.inference_mode():
+        prefix = extended_prefix(model, None, rows[0], rubric)
+        model.get_decoder().register_forward_hook(lambda module, args, kwargs, output: passes.append(kwargs["input_ids"].shape),
+                                                  with_kwargs=True)
+        fast = head_logits(model, last_token_hidden(model, [rows[1]], tokenizer.pad_token_id, prefix))
+        assert passes == [(1, len(rows[1]) - rubric)]
+        last_token_hidden(model, rows, tokenizer.pad_token_id, prefix)
+        assert len(passes) == 3  # the instruction once, then the two answers
+        plain = model(input_ids=torch.tensor([rows[1]])).logits[0, -1]
+    torch.testing.assert_close(fast[0], plain, rtol=1e-5, atol=1e-5)
+
+
 def test_prefix_groups_keep_the_instructions_whose_shared_tokens_outweigh_a_group_of_their_own():
     from selfreward.backends.decoding import MIN_SHARED_PREFIX, planned_tokens, prefix_groups
 

@@ -303,7 +303,8 @@ def last_token_hidden(model, rows: Sequence[Sequence[int]], pad_id: int, prefix:
     """
     device = model.device
     start, cache = _continued(model, prefix)
-    shared = shared_prefix_length(rows)
+    # A lone row has nothing to share: splitting it would only cost a second pass of one token.
+    shared = shared_prefix_length(rows) if len(rows) > 1 else start
     if shared - start >= MIN_SHARED_PREFIX:
         _extend(model, cache, rows[0][start:shared], start)
         start = shared
