@@ -222,6 +222,35 @@ def test_sliced_attention_is_the_same_in_slices_of_queries_or_of_rows(scores_per
     torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("windowed_mask", [True, False])
+def test_grouped_attention_with_a_sliding_window_equals_sdpa_and_reads_no_key_before_the_window(windowed_mask):
+    """12 queries after 10 cached positions, a window of 4: no query sees keys 0-6, so values there that
+    would poison any product they entered (NaN) must not change the output. With a mask that is not
+    windowed (a model whose layer says otherwise) every key is read and the output is plain causal attention."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from selfreward.backends.attention import grouped_attention
+
+    generator = torch.Generator().manual_seed(1)
+    rows, cached, queries, window = 2, 10, 12, 4
+    keys = cached + queries
+    query = torch.randn(rows, 4, queries, 8, generator=generator)
+    key, value = (torch.randn(rows, 1, keys, 8, generator=generator) for _ in range(2))
+    position, seen = torch.arange(queries)[:, None] + cached, torch.arange(keys)[None, :]
+    mask = (seen <= position) & ((seen > position - window) if windowed_mask else True)
+    mask = mask[None, None].expand(rows, 1, -1, -1) & (seen < keys - torch.tensor([0, 3])[:, None, None, None])
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    plain, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    poisoned = value.clone()
+    if windowed_mask:
+        poisoned[:, :, : cached - window + 1] = float("nan")
+    ours, _ = grouped_attention(module, query, key, poisoned, mask, scaling=0.3, sliding_window=window)
+    attends = mask[:, 0].any(-1)
+    torch.testing.assert_close(ours[attends], plain[attends], rtol=1e-6, atol=1e-6)
+
+
 def test_sample_tokens_is_greedy_at_temperature_zero_and_follows_the_uniform_number():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
     assert sample_tokens(logits, 0.0, 0.9, torch.zeros(2)).tolist() == [1, 0]

@@ -67,7 +67,8 @@ def grouped_attention(
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if queries > 1:
-        return sliced_attention(query, key, value, attention_mask, scaling if scaling is not None else dim**-0.5), None
+        return sliced_attention(query, key, value, attention_mask, scaling if scaling is not None else dim**-0.5,
+                                window=kwargs.get("sliding_window")), None
     # Query head h reads key/value head h // groups (transformers' repeat_kv), so the heads of one group are
     # consecutive: (rows, heads, 1, dim) -> (rows, kv heads, groups, dim). A decoding mask is (rows, 1, 1,
     # keys) and broadcasts over the group's queries.
@@ -77,14 +78,19 @@ def grouped_attention(
 
 
 def sliced_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float,
-                     scores_per_slice: int = SCORES_PER_SLICE, query_block: int = QUERY_BLOCK) -> torch.Tensor:
+                     scores_per_slice: int = SCORES_PER_SLICE, query_block: int = QUERY_BLOCK,
+                     window: int | None = None) -> torch.Tensor:
     """Masked attention of many queries (`mask`: True = may attend, (rows or 1, 1, queries, keys)), in
     slices of rows and of their queries whose scores fit in `scores_per_slice`.
 
     The queries are cut into equal blocks of at most `query_block` (135 queries are two blocks of 68, not
     128 and 7), and a slice of a block's queries reads only the keys up to the last one any of them may
     see: in a causal prompt after `keys - queries` cached positions, that skips most of the masked half of
-    the prompt's own keys. As many rows as fit share each product."""
+    the prompt's own keys. With a sliding `window` (a query sees its own key and the `window - 1` before
+    it, as transformers' sliding-window layers do), the slice also starts at the first key its first query
+    may see: a 1,450-token row after a 136-token rubric took 19 instead of 29 ms per layer (Dec 4). Each
+    bound is checked against the mask before it is used, so a mask that allows more keeps them all. As
+    many rows as fit share each product."""
     rows, heads, queries, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -96,18 +102,20 @@ def sliced_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     for start in range(0, queries, query_step):
         end = min(queries, start + query_step)
         reach = keys - queries + end  # causal: these queries see no key after their own positions
+        low = max(0, keys - queries + start - window + 1) if window else 0  # nor one before the first one's window
         for first in range(0, rows, row_step):
             last = min(rows, first + row_step)
             count, span = last - first, end - start
             seen = (mask[first:last] if mask.shape[0] > 1 else mask)[:, :, start:end]
             width = reach if reach < keys and not seen[..., reach:].any() else keys
+            lo = low if low and not seen[..., :low].any() else 0
             # Scaled into a contiguous block (one pass: the model's query is a transposed view).
             grouped = torch.mul(query[first:last, :, start:end], scale, out=query.new_empty(count, heads, span, dim))
             grouped = grouped.view(count, kv_heads, groups * span, dim)
-            scores = torch.matmul(grouped, key[first:last, :, :width].transpose(-1, -2))
-            scores = scores.view(count, kv_heads, groups, span, width).masked_fill_(~seen[:, :, None, :, :width], lowest)
-            probs = torch.softmax(scores, dim=-1).view(count, kv_heads, groups * span, width)
-            output[first:last, start:end] = torch.matmul(probs, value[first:last, :, :width]).view(count, heads, span, dim).transpose(1, 2)
+            scores = torch.matmul(grouped, key[first:last, :, lo:width].transpose(-1, -2))
+            scores = scores.view(count, kv_heads, groups, span, width - lo).masked_fill_(~seen[:, :, None, :, lo:width], lowest)
+            probs = torch.softmax(scores, dim=-1).view(count, kv_heads, groups * span, width - lo)
+            output[first:last, start:end] = torch.matmul(probs, value[first:last, :, lo:width]).view(count, heads, span, dim).transpose(1, 2)
     return output
 
 
