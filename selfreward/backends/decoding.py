@@ -246,7 +246,20 @@ def _continued(model, prefix: Prefix | None) -> tuple[int, object]:
     """Where rows continuing `prefix` start, and a copy of its cache to continue (None: position 0, empty)."""
     from transformers import DynamicCache
 
-    return (prefix.length, copy.deepcopy(prefix.cache)) if prefix else (0, DynamicCache(config=model.config))
+    return (prefix.length, _copied(prefix.cache)) if prefix else (0, DynamicCache(config=model.config))
+
+
+def _copied(cache):
+    """`cache` with each layer's tensors copied and the rest shared. The rows continuing a prefix change
+    only tensors; `copy.deepcopy` walked every attribute in Python, 2.5-3.3 ms a copy of the 270M model's
+    cache against 0.45 (41 copies in judging the oasst1 sample)."""
+    copied = copy.copy(cache)
+    copied.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in copied.layers:
+        for name, value in list(vars(layer).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(layer, name, value.clone())
+    return copied
 
 
 def extended_prefix(model, prefix: Prefix | None, row: Sequence[int], length: int) -> Prefix:
