@@ -318,7 +318,7 @@ def test_last_token_hidden_from_a_call_wide_prefix_through_the_head_equals_a_pla
 
 
 def test_last_token_hidden_computes_a_lone_row_in_one_pass_and_rows_sharing_more_than_the_prefix_in_two(tiny_model, tmp_path):
-    from selfreward.backends.decoding import extended_prefix, head_logits, last_token_hidden
+    from selfreward.backends.decoding import extended_prefix, head_logits, last_token_hidden, prefix_plan
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     rows = [tokenizer(text + " Score:")["input_ids"] for text in SAME_INSTRUCTION]
@@ -334,6 +334,7 @@ def test_last_token_hidden_computes_a_lone_row_in_one_pass_and_rows_sharing_more
         assert len(passes) == 3  # the instruction once, then the two answers
         plain = model(input_ids=torch.tensor([rows[1]])).logits[0, -1]
     torch.testing.assert_close(fast[0], plain, rtol=1e-5, atol=1e-5)
+    assert prefix_plan([rows[1]], overhead=0) == (0, [(0, [0])])  # a call with one prompt: no start of its own
 
 
 def test_prefix_groups_keep_the_instructions_whose_shared_tokens_outweigh_a_group_of_their_own():

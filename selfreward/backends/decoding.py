@@ -215,7 +215,10 @@ MIN_SHARED_PREFIX = 16
 
 
 def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
-    """Tokens that every row starts with, leaving at least one token of each row after them."""
+    """Tokens that every row starts with, leaving at least one token of each row after them; none for a lone
+    row, which shares nothing (computing it apart would only cost a second pass of one token)."""
+    if len(rows) < 2:
+        return 0
     shortest = min(len(row) for row in rows) - 1
     length = 0
     while length < shortest and all(row[length] == rows[0][length] for row in rows):
@@ -316,8 +319,7 @@ def last_token_hidden(model, rows: Sequence[Sequence[int]], pad_id: int, prefix:
     """
     device = model.device
     start, cache = _continued(model, prefix)
-    # A lone row has nothing to share: splitting it would only cost a second pass of one token.
-    shared = shared_prefix_length(rows) if len(rows) > 1 else start
+    shared = shared_prefix_length(rows)
     if shared - start >= MIN_SHARED_PREFIX:
         _extend(model, cache, rows[0][start:shared], start)
         start = shared
