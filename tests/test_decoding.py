@@ -152,16 +152,18 @@ def test_stop_string_ends_generation_at_the_token_that_completes_it(tiny_model):
     assert not stopped(backend.encode("Score: 4"))
 
 
-def attention_inputs(heads: int, kv_heads: int, queries: int, padding: str, seed: int = 0):
-    """Random (rows, heads, queries, dim) query and (rows, kv heads, keys, dim) key and value after 4 cached
-    positions, with the boolean mask transformers builds for sdpa: causal, and padding on the left or the
-    right of rows of different lengths (None: no padding)."""
+def attention_inputs(heads: int, kv_heads: int, queries: int, padding: str, seed: int = 0, cached: int = 4,
+                     window: int | None = None):
+    """Random (rows, heads, queries, dim) query and (rows, kv heads, keys, dim) key and value after `cached`
+    positions, with the boolean mask transformers builds for sdpa: causal (within a sliding `window` if
+    given), and padding on the left or the right of rows of different lengths (None: no padding)."""
     generator = torch.Generator().manual_seed(seed)
-    rows, cached, dim = 3, 4, 8
+    rows, dim = 3, 8
     keys = cached + queries
     query = torch.randn(rows, heads, queries, dim, generator=generator)
     key, value = (torch.randn(rows, kv_heads, keys, dim, generator=generator) for _ in range(2))
-    mask = (torch.arange(keys)[None, :] <= torch.arange(queries)[:, None] + cached)[None, None].expand(rows, 1, -1, -1)
+    position, seen = torch.arange(queries)[:, None] + cached, torch.arange(keys)[None, :]
+    mask = ((seen <= position) & ((seen > position - window) if window else True))[None, None].expand(rows, 1, -1, -1)
     pads = torch.tensor([0, 2, 3])[:, None, None, None]
     if padding == "left":
         mask = mask & (torch.arange(keys) >= pads)
@@ -233,14 +235,8 @@ def test_grouped_attention_with_a_sliding_window_equals_sdpa_and_reads_no_key_be
 
     from selfreward.backends.attention import grouped_attention
 
-    generator = torch.Generator().manual_seed(1)
-    rows, cached, queries, window = 2, 10, 12, 4
-    keys = cached + queries
-    query = torch.randn(rows, 4, queries, 8, generator=generator)
-    key, value = (torch.randn(rows, 1, keys, 8, generator=generator) for _ in range(2))
-    position, seen = torch.arange(queries)[:, None] + cached, torch.arange(keys)[None, :]
-    mask = (seen <= position) & ((seen > position - window) if windowed_mask else True)
-    mask = mask[None, None].expand(rows, 1, -1, -1) & (seen < keys - torch.tensor([0, 3])[:, None, None, None])
+    cached, window = 10, 4
+    query, key, value, mask = attention_inputs(4, 1, 12, "right", seed=1, cached=cached, window=window if windowed_mask else None)
     module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
     plain, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
     poisoned = value.clone()
