@@ -31,21 +31,26 @@ def test_onednn_layers_give_the_logits_of_the_models_own_forward(kind, dtype, to
     model = tiny(kind, dtype)
     with torch.inference_mode():
         plain = model(input_ids=INPUT).logits.float()
-        assert use_onednn(model) == OneDnnLayers(linears=3 * 7, mlps=3)  # q, k, v, o, gate, up, down
+        assert use_onednn(model) == OneDnnLayers(linears=3 * 7 + 1, mlps=3)  # q, k, v, o, gate, up, down; the head
         fused = model(input_ids=INPUT).logits.float()
     assert all("forward" in vars(layer.mlp) and "forward" in vars(layer.self_attn.q_proj) for layer in model.model.layers)
+    assert "forward" in vars(model.lm_head)
     # Rounding moves the logits by ~1e-7 of their size in fp32, ~3e-3 in bf16; a wrong post-op (no
     # activation, the activation on `up`) by about their own size.
     assert (fused - plain).abs().mean() <= tolerance * plain.abs().mean()
 
 
-def test_packed_weights_give_the_products_of_the_layers_own_weights_bit_for_bit_in_bf16():
-    model = tiny("llama", torch.bfloat16)
+@pytest.mark.parametrize("kind,tied", [("gemma", True), ("llama", False)])
+def test_packed_weights_give_the_products_of_the_layers_own_weights_bit_for_bit_in_bf16(kind, tied):
+    """A decoder layer's product and the LM head's, whose weight is the input embedding's when tied."""
+    model = tiny(kind, torch.bfloat16)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     use_onednn(model)
-    linear = model.model.layers[0].self_attn.q_proj
     x = torch.randn(5, 3, 32, generator=torch.Generator().manual_seed(2)).bfloat16()
-    with torch.inference_mode():
-        assert torch.equal(linear(x), torch.nn.functional.linear(x, linear.weight))
+    for linear in (model.model.layers[0].self_attn.q_proj, model.lm_head):
+        with torch.inference_mode():
+            assert torch.equal(linear(x), torch.nn.functional.linear(x, linear.weight))
+        assert "forward" in vars(linear)
 
 
 def test_onednn_layers_leave_training_to_the_layers_own_forward():
