@@ -44,9 +44,10 @@ class BackendSection(Section):
     # CPU without AVX-512/AMX, bf16 is emulated and several times slower than float32 (selfreward/precision.py).
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # transformers backend: sequences (prompts x samples) decoded together. Decoding wants many (every step
-    # reads the whole LM head, ~335 MB for a 262k vocabulary). Reading prompts alone (expected-mode
-    # judging) wants little padding: batches of at most `prefill_tokens` tokens, padding included (larger
-    # ones push the activations out of cache), cut where padding would cost more than another pass.
+    # reads the whole LM head, ~335 MB for a 262k vocabulary). Reading prompts (expected-mode judging, and
+    # the prompt passes before decoding) wants little padding: passes of at most `prefill_tokens` tokens,
+    # padding included (larger ones push the activations out of cache), cut where padding would cost more
+    # than another pass.
     batch_size: int = Field(32, ge=1)
     prefill_tokens: int = Field(4096, ge=1)
     # Data parallel on one node: this many engine replicas (processes, each with its own GPUs when there

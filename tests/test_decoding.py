@@ -89,7 +89,12 @@ PROMPTS = ["Explain why the sky is blue.", "Hi", "Write a short poem about the s
 
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
-def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_cache(tiny_model, tmp_path, temperature, top_p, grouped):
+@pytest.mark.parametrize("passes", [None, [[1], [0, 2]], [[2], [0], [1]]])
+def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_cache(tiny_model, tmp_path, temperature, top_p, grouped,
+                                                                                     passes):
+    """Also with the prompts computed in several passes, each padded to its own longest row, whose caches are
+    joined: a joined cache that put a row's positions anywhere but at the right end of its row samples
+    other tokens."""
     from selfreward.backends.attention import use_grouped_attention
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
@@ -103,7 +108,8 @@ def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_ca
     stop_ids = set(range(100, 160)) if temperature > 0 else set()
     n, seeds = 3, [1000 + r for r in range(len(PROMPTS) * 3)]
     with torch.inference_mode():
-        fast = sample(model, batch["input_ids"], batch["attention_mask"], n, temperature, top_p, 12, stop_ids, lambda t: False, seeds)
+        fast = sample(model, batch["input_ids"], batch["attention_mask"], n, temperature, top_p, 12, stop_ids, lambda t: False, seeds,
+                      prompt_passes=passes)
         slow = [reference_sample(model, encoded[r // n], temperature, top_p, 12, stop_ids, lambda t: False, seeds[r])
                 for r in range(len(seeds))]
     assert fast == slow

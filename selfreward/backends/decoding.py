@@ -160,13 +160,17 @@ def sample(
     stop_ids: set[int],
     stopped: Callable[[list[int]], bool],
     seeds: Sequence[int],
+    prompt_passes: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """`n` continuations of each left-padded prompt row, as token lists in row-major order (prompt i's
     sample j is row i * n + j), each ending at its first stop token (included) or when `stopped(tokens)`.
 
     `seeds` holds one seed per output row. The prompts are computed once; their cache serves all n samples.
+    `prompt_passes` (lists of prompt rows covering them all) computes the prompts in several passes, each
+    padded only to its own longest row, whose caches are then joined for decoding: prompts of mixed
+    lengths need not all be padded to the longest, while the decoding steps keep every row.
     """
-    from selfreward.backends.kv_cache import reserved_cache
+    from selfreward.backends.kv_cache import all_reserved, left_padded_union, reserved_cache
 
     device = input_ids.device
     rows = input_ids.shape[0] * n
@@ -174,15 +178,30 @@ def sample(
     if max_new_tokens <= 0 or rows == 0:
         return outputs
     uniforms = row_uniforms(seeds, max_new_tokens)
-    cache = reserved_cache(model.config, input_ids.shape[1] + max_new_tokens)
+    capacity = input_ids.shape[1] + max_new_tokens
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    batch = torch.arange(input_ids.shape[0], device=device)
-    with last_layer_only_at(model, batch, torch.full_like(batch, input_ids.shape[1] - 1)):  # left-padded: the last column
-        prefill = model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-            use_cache=True, logits_to_keep=1,
-        )
-    logits = prefill.logits[:, -1, :].repeat_interleave(n, dim=0)
+    cache = reserved_cache(model.config, capacity)
+    if prompt_passes is None or len(prompt_passes) < 2 or not all_reserved(cache):
+        prompt_passes = [list(range(input_ids.shape[0]))]
+    parts, logits = [], None
+    for members in prompt_passes:
+        where = torch.tensor(list(members), device=device)
+        mask = attention_mask[where]
+        start = input_ids.shape[1] - int(mask.sum(-1).max())  # the left padding all of this pass's rows have
+        part = cache if len(prompt_passes) == 1 else reserved_cache(model.config, input_ids.shape[1] - start)
+        batch = torch.arange(len(members), device=device)
+        with last_layer_only_at(model, batch, torch.full_like(batch, input_ids.shape[1] - start - 1)):  # left-padded: the last column
+            prefill = model(
+                input_ids=input_ids[where, start:], attention_mask=mask[:, start:], position_ids=positions[where, start:],
+                past_key_values=part, use_cache=True, logits_to_keep=1,
+            )
+        if logits is None:
+            logits = prefill.logits.new_empty(input_ids.shape[0], prefill.logits.shape[-1])
+        logits[where] = prefill.logits[:, -1, :]
+        parts.append((list(members), part))
+    if len(parts) > 1:
+        cache = left_padded_union(model.config, parts, input_ids.shape[0], input_ids.shape[1], capacity)
+    logits = logits.repeat_interleave(n, dim=0)
     if n > 1:
         cache.batch_repeat_interleave(n)
     attention_mask = attention_mask.repeat_interleave(n, dim=0)

@@ -43,6 +43,10 @@ class _Reserved:
             grown[:, :, :kept] = buffer[:, :, :kept]
         return grown
 
+    def stored_states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored position's keys and values, a sliding-window layer's whole history included."""
+        return self._visible(0)
+
     def _visible(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key_buffer[:, :, start : self.stored], self.value_buffer[:, :, start : self.stored]
 
@@ -78,6 +82,31 @@ class ReservedSlidingWindowLayer(_Reserved, DynamicSlidingWindowLayer):
 
     def _refresh(self) -> None:
         self.keys, self.values = self._visible(max(0, self.stored - self.sliding_window + 1))
+
+
+def all_reserved(cache: DynamicCache) -> bool:
+    """Whether every layer of `cache` keeps its whole history in a reserved buffer (`left_padded_union` can
+    merge such caches)."""
+    return all(isinstance(layer, _Reserved) for layer in cache.layers)
+
+
+def left_padded_union(config, parts: list[tuple[list[int], DynamicCache]], rows: int, width: int, capacity: int) -> DynamicCache:
+    """One reserved cache of `rows` left-padded rows of `width` positions, from the reserved caches of
+    prompt passes over subsets of the rows: `parts` holds (rows of the union, that pass's cache), each
+    pass left-padded to its own longest row. Each part's positions go to the right end of its rows; the
+    slots to their left are zeros that the attention mask hides, as a pad token's would be. Every layer
+    is filled through its own `update`, as one pass over all rows would have filled it."""
+    merged = reserved_cache(config, capacity)
+    for index, layer in enumerate(merged.layers):
+        key_parts, value_parts = zip(*(part.layers[index].stored_states() for _, part in parts))
+        keys = key_parts[0].new_zeros(rows, *key_parts[0].shape[1:2], width, key_parts[0].shape[-1])
+        values = value_parts[0].new_zeros(rows, *value_parts[0].shape[1:2], width, value_parts[0].shape[-1])
+        for (members, _), part_keys, part_values in zip(parts, key_parts, value_parts):
+            where = torch.tensor(members, device=keys.device)
+            keys[where, :, width - part_keys.shape[-2] :] = part_keys
+            values[where, :, width - part_values.shape[-2] :] = part_values
+        layer.update(keys, values)
+    return merged
 
 
 def reserved_cache(config, capacity: int) -> DynamicCache:

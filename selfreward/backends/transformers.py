@@ -1,5 +1,6 @@
 """Batched generation with transformers: left padding, prompts sorted by length, n samples per prompt
-from one computation of each prompt (`decoding.sample`)."""
+from one computation of each prompt (`decoding.sample`). A decoding batch's prompts are read in passes
+padded to their own longest row (`padded_batches`), and their caches joined for the decoding steps."""
 
 from __future__ import annotations
 
@@ -101,10 +102,12 @@ class TransformersBackend(Backend):
         for indices, batch in self._batches(prompts, max(1, self.batch_size // n)):
             # A row's seed comes from its prompt's place in this call, not from the batch it landed in.
             seeds = [row_seed(sampling.seed, i, j) for i in indices for j in range(n)]
+            # The prompts are read in passes padded to their own longest row; the decoding steps keep them all.
+            passes = padded_batches(batch["attention_mask"].sum(-1).tolist(), len(indices), self.prefill_tokens)
             with torch.inference_mode():
                 rows = sample(
                     self.model, batch["input_ids"], batch["attention_mask"], n, sampling.temperature, sampling.top_p,
-                    sampling.max_new_tokens, self.stop_ids, stopped, seeds,
+                    sampling.max_new_tokens, self.stop_ids, stopped, seeds, prompt_passes=passes,
                 )
             for row, tokens in enumerate(rows):
                 results[indices[row // n]].append(self._completion(tokens, sampling))
