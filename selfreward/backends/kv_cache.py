@@ -98,14 +98,13 @@ def left_padded_union(config, parts: list[tuple[list[int], DynamicCache]], rows:
     is filled through its own `update`, as one pass over all rows would have filled it."""
     merged = reserved_cache(config, capacity)
     for index, layer in enumerate(merged.layers):
-        key_parts, value_parts = zip(*(part.layers[index].stored_states() for _, part in parts))
-        keys = key_parts[0].new_zeros(rows, *key_parts[0].shape[1:2], width, key_parts[0].shape[-1])
-        values = value_parts[0].new_zeros(rows, *value_parts[0].shape[1:2], width, value_parts[0].shape[-1])
-        for (members, _), part_keys, part_values in zip(parts, key_parts, value_parts):
-            where = torch.tensor(members, device=keys.device)
-            keys[where, :, width - part_keys.shape[-2] :] = part_keys
-            values[where, :, width - part_values.shape[-2] :] = part_values
-        layer.update(keys, values)
+        joined = []
+        for stored in zip(*(part.layers[index].stored_states() for _, part in parts)):  # the keys, then the values
+            states = stored[0].new_zeros(rows, stored[0].shape[1], width, stored[0].shape[-1])
+            for (members, _), part_states in zip(parts, stored):
+                states[torch.tensor(members, device=states.device), :, width - part_states.shape[-2] :] = part_states
+            joined.append(states)
+        layer.update(*joined)
     return merged
 
 
