@@ -87,29 +87,35 @@ def tiny_gemma(tokenizer_dir: str, tmp_path):
 PROMPTS = ["Explain why the sky is blue.", "Hi", "Write a short poem about the sea and the wind in winter, please."]
 
 
+# Sorted by length: "Hi", the sky and the grass (as long as each other), the poem.
+SAMPLED_PROMPTS = PROMPTS + ["Explain why the grass is green."]
+# (max_rows, prefill_tokens) with n = 3 samples of each: all rows at once in one pass; in passes of at most 24
+# tokens, each padded to its own longest prompt; one prompt at a time; two at a time, each next prompt joining
+# the rows still decoding once three have finished (it is shorter than their rows so far); three at a time,
+# the poem joining once five have finished (longer than the rows so far).
+SCHEDULES = [(None, float("inf")), (None, 24), (3, float("inf")), (6, 24), (9, float("inf"))]
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
-@pytest.mark.parametrize("passes", [None, [[1], [0, 2]], [[2], [0], [1]]])
+@pytest.mark.parametrize("max_rows,prefill_tokens", SCHEDULES)
 def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_cache(tiny_model, tmp_path, temperature, top_p, grouped,
-                                                                                     passes):
-    """Also with the prompts computed in several passes, each padded to its own longest row, whose caches are
-    joined: a joined cache that put a row's positions anywhere but at the right end of its row samples
-    other tokens."""
+                                                                                     max_rows, prefill_tokens):
+    """Also with the prompts read in several passes, and with prompts joining rows already decoding: a joined
+    cache that put a row's positions anywhere but at the right end of its row samples other tokens."""
     from selfreward.backends.attention import use_grouped_attention
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     if grouped:  # batched prompts and decoding steps through grouped attention; the reference's unpadded rows use sdpa
         assert use_grouped_attention(model)
-    encoded = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    tokenizer.padding_side = "left"
-    batch = tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
+    encoded = [tokenizer(p)["input_ids"] for p in SAMPLED_PROMPTS]
     # Many stop ids (a random model's choices are spread thin), so that rows finish at different steps and
     # leave the batch.
     stop_ids = set(range(100, 160)) if temperature > 0 else set()
-    n, seeds = 3, [1000 + r for r in range(len(PROMPTS) * 3)]
+    n, seeds = 3, [1000 + r for r in range(len(encoded) * 3)]
     with torch.inference_mode():
-        fast = sample(model, batch["input_ids"], batch["attention_mask"], n, temperature, top_p, 12, stop_ids, lambda t: False, seeds,
-                      prompt_passes=passes)
+        fast = sample(model, encoded, n, temperature, top_p, 12, stop_ids, lambda t: False, seeds, tokenizer.pad_token_id,
+                      max_rows=max_rows, prefill_tokens=prefill_tokens)
         slow = [reference_sample(model, encoded[r // n], temperature, top_p, 12, stop_ids, lambda t: False, seeds[r])
                 for r in range(len(seeds))]
     assert fast == slow
@@ -382,7 +388,7 @@ def test_padded_batches_choose_the_cheapest_cuts_within_both_limits():
     import itertools
     import random
 
-    from selfreward.backends.transformers import padded_batches
+    from selfreward.backends.decoding import padded_batches
 
     def cost(batches, lengths, overhead):
         return sum(len(b) * max(lengths[i] for i in b) + overhead for b in batches)
@@ -410,14 +416,6 @@ def test_padded_batches_choose_the_cheapest_cuts_within_both_limits():
         assert cost(batches, lengths, overhead) == best
     # Padding a short row to a long one costs more than a pass: they are cut apart, the alike kept together.
     assert padded_batches([10, 11, 400, 401], 8, 4096, overhead=32) == [[0, 1], [2, 3]]
-
-
-def test_token_batches_sort_by_length_and_fill_each_batch():
-    from selfreward.backends.transformers import token_batches
-
-    lengths = [50, 10, 300, 12, 11, 49]
-    assert token_batches(lengths, max_rows=4) == [[1, 4, 3, 5], [0, 2]]
-    assert token_batches(lengths, max_rows=2) == [[1, 4], [3, 5], [0, 2]]
 
 
 def test_reserved_cache_gives_the_logits_of_dynamic_cache_through_row_drops_and_the_sliding_window(tiny_model, tmp_path):

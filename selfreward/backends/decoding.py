@@ -7,9 +7,11 @@ What `model.generate(num_return_sequences=n, top_p=...)` spends its time on, on 
 
 Here the prompts are computed once and their cache is repeated n times; the nucleus is found among the
 top-K tokens (K grows until the nucleus fits, so the kept set is exactly top-p's); finished rows leave the
-batch. Each row draws its random numbers from its own generator, seeded from the caller's seed and the
-row's place in the call (prompt index, sample index), so what a row samples does not depend on which
-other rows share its batch: batch size, sorting and early exits change nothing but the speed.
+batch, and waiting prompts take their places (continuous batching). Each row draws its random numbers from
+its own generator, seeded from the caller's seed and the row's place in the call (prompt index, sample
+index), and the n-th token of a row uses the row's n-th number, so what a row samples does not depend on
+which other rows share its batch or when it joined: batch size, sorting and early exits change nothing but
+the speed (in float32; in bf16, rounding depends on a batch's shapes).
 """
 
 from __future__ import annotations
@@ -149,10 +151,112 @@ def last_layer_only_at(model, rows: torch.Tensor, positions: torch.Tensor) -> It
             handle.remove()
 
 
+# What one more forward pass costs beyond its tokens (Python, per-layer calls, the copy of a shared prefix's
+# cache), in tokens' worth of time: padding must save more than this before a batch is split. Measured on the
+# 2-core CPU, the 270M model reads ~300-430 tokens/s at 1 to 16 rows a pass, so small batches lose little.
+BATCH_OVERHEAD_TOKENS = 32
+
+
+def padded_batches(lengths: Sequence[int], max_rows: int, max_tokens: float, overhead: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Indices of `lengths` sorted by length and cut into consecutive batches of at most `max_rows` rows and
+    `max_tokens` tokens with padding (a longer row gets a batch of its own), choosing the cuts that
+    minimise the tokens computed, padding included, plus `overhead` per batch (dynamic programming over
+    the sorted rows: a length-sorted list cut greedily pads a short row to a long one at every jump)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    cost = [0.0] + [float("inf")] * len(order)
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        width = lengths[order[end - 1]]
+        for begin in range(end - 1, -1, -1):
+            rows = end - begin
+            if rows > 1 and (rows > max_rows or rows * width > max_tokens):
+                break
+            total = cost[begin] + rows * width + overhead
+            if total < cost[end]:
+                cost[end], cut[end] = total, begin
+    batches, end = [], len(order)
+    while end:
+        batches.append(order[cut[end] : end])
+        end = cut[end]
+    return batches[::-1]
+
+
+@dataclass
+class _Decoding:
+    """The rows being decoded: their cache (every row left-padded to the same stored length), attention mask
+    (rows, stored length), last position (rows, 1), output row numbers, and the logits of their next token."""
+
+    cache: object
+    mask: torch.Tensor
+    position: torch.Tensor
+    rows: list[int]
+    logits: torch.Tensor
+
+    def step(self, model, tokens: list[int], keep: list[int]) -> "_Decoding":
+        """The kept rows (slots of this batch) after `tokens` (one per slot): finished rows leave the batch."""
+        device = self.mask.device
+        next_tokens = torch.tensor(tokens, device=device).unsqueeze(-1)
+        mask, position, rows = self.mask, self.position, self.rows
+        if len(keep) < len(tokens):
+            slots = torch.tensor(keep, device=device)
+            self.cache.batch_select_indices(slots)
+            mask, position, next_tokens, rows = mask[slots], position[slots], next_tokens[slots], [rows[s] for s in keep]
+        mask = torch.cat([mask, mask.new_ones(len(keep), 1)], dim=-1)
+        position = position + 1
+        logits = model(
+            input_ids=next_tokens, attention_mask=mask, position_ids=position, past_key_values=self.cache, use_cache=True,
+        ).logits[:, -1, :]
+        return _Decoding(self.cache, mask, position, rows, logits)
+
+
+def _read_prompts(model, prompts: Sequence[Sequence[int]], members: list[int], n: int, capacity: int, pad_id: int) -> _Decoding:
+    """n rows for each prompt of `members`, after one forward pass over them left-padded into a reserved
+    cache of `capacity` positions (repeated for the n samples: each prompt is computed once)."""
+    from selfreward.backends.kv_cache import reserved_cache
+
+    device = model.device
+    chosen = [prompts[i] for i in members]
+    width = max(len(p) for p in chosen)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chosen], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chosen], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = reserved_cache(model.config, capacity)
+    batch = torch.arange(len(chosen), device=device)
+    with last_layer_only_at(model, batch, torch.full_like(batch, width - 1)):  # left-padded: the last column
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    cache.batch_repeat_interleave(n)
+    return _Decoding(cache, mask.repeat_interleave(n, dim=0), positions[:, -1:].repeat_interleave(n, dim=0),
+                     [i * n + j for i in members for j in range(n)], logits.repeat_interleave(n, dim=0))
+
+
+def _admitted(model, live: _Decoding | None, prompts: Sequence[Sequence[int]], members: list[int], n: int,
+              max_new_tokens: int, prefill_tokens: float, pad_id: int, joinable: bool) -> _Decoding:
+    """`live` (or nothing) joined by n rows for each prompt of `members`. The new prompts are read in passes
+    padded to their own longest prompt; the caches of the passes and of the live rows are joined with every
+    row at the right end of its row (`kv_cache.left_padded_union`), so the next steps decode them all."""
+    from selfreward.backends.kv_cache import left_padded_union
+
+    lengths = [len(prompts[i]) for i in members]
+    passes = padded_batches(lengths, len(members), prefill_tokens) if joinable else [list(range(len(members)))]
+    if live is None and len(passes) == 1:  # nothing to join: the pass's cache is the decoding cache
+        return _read_prompts(model, prompts, members, n, max(lengths) + max_new_tokens, pad_id)
+    parts = ([live] if live else []) + [
+        _read_prompts(model, prompts, [members[i] for i in chosen], n, max(lengths[i] for i in chosen), pad_id) for chosen in passes
+    ]
+    width, places, start = max(part.mask.shape[-1] for part in parts), [], 0
+    for part in parts:
+        places.append(list(range(start, start + len(part.rows))))
+        start += len(part.rows)
+    cache = left_padded_union(model.config, [(where, part.cache) for where, part in zip(places, parts)], start, width, width + max_new_tokens)
+    mask = torch.cat([torch.nn.functional.pad(part.mask, (width - part.mask.shape[-1], 0)) for part in parts])
+    return _Decoding(cache, mask, torch.cat([part.position for part in parts]), [row for part in parts for row in part.rows],
+                     torch.cat([part.logits for part in parts]))
+
+
 def sample(
     model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    prompts: Sequence[Sequence[int]],
     n: int,
     temperature: float,
     top_p: float,
@@ -160,73 +264,45 @@ def sample(
     stop_ids: set[int],
     stopped: Callable[[list[int]], bool],
     seeds: Sequence[int],
-    prompt_passes: Sequence[Sequence[int]] | None = None,
+    pad_id: int = 0,
+    max_rows: int | None = None,
+    prefill_tokens: float = float("inf"),
 ) -> list[list[int]]:
-    """`n` continuations of each left-padded prompt row, as token lists in row-major order (prompt i's
-    sample j is row i * n + j), each ending at its first stop token (included) or when `stopped(tokens)`.
+    """`n` continuations of each prompt (token lists), in row-major order (prompt i's sample j is row
+    i * n + j), each ending at its first stop token (included) or when `stopped(tokens)`.
 
-    `seeds` holds one seed per output row. The prompts are computed once; their cache serves all n samples.
-    `prompt_passes` (lists of prompt rows covering them all) computes the prompts in several passes, each
-    padded only to its own longest row, whose caches are then joined for decoding: prompts of mixed
-    lengths need not all be padded to the longest, while the decoding steps keep every row.
+    `seeds` holds one seed per output row. Each prompt is computed once; its cache serves its n samples.
+    At most `max_rows` rows (default: all) are decoded together (continuous batching): prompts enter
+    shortest first, and once finished rows have freed half of the rows, the next waiting prompts are read
+    and join the rows still decoding, so a batch's tail of a few long rows does not run alone while prompts
+    wait. Prompts are read in passes of at most `prefill_tokens` tokens, padding included, each padded only
+    to its own longest prompt (`padded_batches`).
     """
-    from selfreward.backends.kv_cache import all_reserved, left_padded_union, reserved_cache
+    from selfreward.backends.kv_cache import all_reserved, reserved_cache
 
-    device = input_ids.device
-    rows = input_ids.shape[0] * n
-    outputs: list[list[int]] = [[] for _ in range(rows)]
-    if max_new_tokens <= 0 or rows == 0:
+    outputs: list[list[int]] = [[] for _ in range(len(prompts) * n)]
+    if max_new_tokens <= 0 or not outputs:
         return outputs
     uniforms = row_uniforms(seeds, max_new_tokens)
-    capacity = input_ids.shape[1] + max_new_tokens
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = reserved_cache(model.config, capacity)
-    if prompt_passes is None or len(prompt_passes) < 2 or not all_reserved(cache):
-        prompt_passes = [list(range(input_ids.shape[0]))]
-    parts, logits = [], None
-    for members in prompt_passes:
-        where = torch.tensor(list(members), device=device)
-        mask = attention_mask[where]
-        start = input_ids.shape[1] - int(mask.sum(-1).max())  # the left padding all of this pass's rows have
-        part = cache if len(prompt_passes) == 1 else reserved_cache(model.config, input_ids.shape[1] - start)
-        batch = torch.arange(len(members), device=device)
-        with last_layer_only_at(model, batch, torch.full_like(batch, input_ids.shape[1] - start - 1)):  # left-padded: the last column
-            prefill = model(
-                input_ids=input_ids[where, start:], attention_mask=mask[:, start:], position_ids=positions[where, start:],
-                past_key_values=part, use_cache=True, logits_to_keep=1,
-            )
-        if logits is None:
-            logits = prefill.logits.new_empty(input_ids.shape[0], prefill.logits.shape[-1])
-        logits[where] = prefill.logits[:, -1, :]
-        parts.append((list(members), part))
-    if len(parts) > 1:
-        cache = left_padded_union(model.config, parts, input_ids.shape[0], input_ids.shape[1], capacity)
-    logits = logits.repeat_interleave(n, dim=0)
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-    attention_mask = attention_mask.repeat_interleave(n, dim=0)
-    position = positions[:, -1:].repeat_interleave(n, dim=0)
-    active = torch.arange(rows, device=device)
-    for step in range(max_new_tokens):
-        tokens = sample_tokens(logits, temperature, top_p, uniforms[active.cpu(), step]).tolist()
+    max_rows = max(n, max_rows or len(outputs))
+    joinable = all_reserved(reserved_cache(model.config, 1))  # else rows join only an empty batch
+    waiting = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    live: _Decoding | None = None
+    while True:
+        free = max_rows - (len(live.rows) if live else 0)
+        if waiting and (live is None or (joinable and free >= max(n, max_rows // 2))):
+            members, waiting = waiting[: free // n], waiting[free // n :]
+            live = _admitted(model, live, prompts, members, n, max_new_tokens, prefill_tokens, pad_id, joinable)
+        if live is None:
+            return outputs
+        steps = torch.tensor([len(outputs[row]) for row in live.rows])
+        tokens = sample_tokens(live.logits, temperature, top_p, uniforms[torch.tensor(live.rows), steps]).tolist()
         keep = []
-        for slot, (row, token) in enumerate(zip(active.tolist(), tokens)):
+        for slot, (row, token) in enumerate(zip(live.rows, tokens)):
             outputs[row].append(token)
-            if token not in stop_ids and not stopped(outputs[row]):
+            if token not in stop_ids and not stopped(outputs[row]) and len(outputs[row]) < max_new_tokens:
                 keep.append(slot)
-        if not keep or step == max_new_tokens - 1:
-            break
-        next_tokens = torch.tensor(tokens, device=device).unsqueeze(-1)
-        if len(keep) < len(tokens):  # finished rows leave the batch
-            slots = torch.tensor(keep, device=device)
-            cache.batch_select_indices(slots)
-            active, attention_mask, position, next_tokens = active[slots], attention_mask[slots], position[slots], next_tokens[slots]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(keep), 1)], dim=-1)
-        position = position + 1
-        logits = model(
-            input_ids=next_tokens, attention_mask=attention_mask, position_ids=position, past_key_values=cache, use_cache=True,
-        ).logits[:, -1, :]
-    return outputs
+        live = live.step(model, tokens, keep) if keep else None
 
 
 # A common prefix shorter than this is computed with each row rather than once.

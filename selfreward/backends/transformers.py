@@ -1,6 +1,5 @@
-"""Batched generation with transformers: left padding, prompts sorted by length, n samples per prompt
-from one computation of each prompt (`decoding.sample`). A decoding batch's prompts are read in passes
-padded to their own longest row (`padded_batches`), and their caches joined for the decoding steps."""
+"""Batched generation with transformers: n samples per prompt from one computation of each prompt, at most
+`batch_size` rows decoded together, waiting prompts joining the batch as rows finish (`decoding.sample`)."""
 
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ from collections.abc import Sequence
 
 from selfreward.backends.attention import use_grouped_attention
 from selfreward.backends.base import Backend, Completion, Sampling, cut_at_stop
+from selfreward.backends.decoding import BATCH_OVERHEAD_TOKENS, padded_batches
 from selfreward.backends.norms import use_inplace_norms
 from selfreward.backends.onednn import use_onednn
 from selfreward.models import load_causal_lm, load_tokenizer, stop_token_ids
@@ -25,45 +25,10 @@ def row_seed(seed: int, prompt: int, sample: int) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def token_batches(lengths: Sequence[int], max_rows: int) -> list[list[int]]:
-    """Indices of `lengths` sorted by length (little padding inside a batch) and cut into batches of at
-    most `max_rows` rows: decoding wants full batches (every step reads the whole LM head)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[start : start + max_rows] for start in range(0, len(order), max_rows)]
-
-
-# What one more forward pass costs beyond its tokens (Python, per-layer calls, the copy of a shared prefix's
-# cache), in tokens' worth of time: padding must save more than this before a batch is split. Measured on the
-# 2-core CPU, the 270M model reads ~300-430 tokens/s at 1 to 16 rows a pass, so small batches lose little.
-BATCH_OVERHEAD_TOKENS = 32
 # Rows per LM-head call in `next_token_probs` (their float32 logits: 256 x 262k x 4 bytes = 256 MiB).
 HEAD_ROWS = 256
 # A group of rows with a prefix of their own costs its prefix's pass and a batch more.
 PREFIX_GROUP_OVERHEAD_TOKENS = 2 * BATCH_OVERHEAD_TOKENS
-
-
-def padded_batches(lengths: Sequence[int], max_rows: int, max_tokens: int, overhead: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
-    """Indices of `lengths` sorted by length and cut into consecutive batches of at most `max_rows` rows and
-    `max_tokens` tokens with padding (a longer row gets a batch of its own), choosing the cuts that
-    minimise the tokens computed, padding included, plus `overhead` per batch (dynamic programming over
-    the sorted rows: a length-sorted list cut greedily pads a short row to a long one at every jump)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    cost = [0.0] + [float("inf")] * len(order)
-    cut = [0] * (len(order) + 1)
-    for end in range(1, len(order) + 1):
-        width = lengths[order[end - 1]]
-        for begin in range(end - 1, -1, -1):
-            rows = end - begin
-            if rows > 1 and (rows > max_rows or rows * width > max_tokens):
-                break
-            total = cost[begin] + rows * width + overhead
-            if total < cost[end]:
-                cost[end], cut[end] = total, begin
-    batches, end = [], len(order)
-    while end:
-        batches.append(order[cut[end] : end])
-        end = cut[end]
-    return batches[::-1]
 
 
 class TransformersBackend(Backend):
@@ -80,15 +45,8 @@ class TransformersBackend(Backend):
         self.batch_size = config.batch_size
         self.prefill_tokens = config.prefill_tokens
         self.seed = seed
-        self.chunk_prompts = max(8, config.batch_size)
-
-    def _batches(self, prompts: Sequence[str], per_batch: int):
-        encoded = [self.encode(p) for p in prompts]
-        for indices in token_batches([len(e) for e in encoded], per_batch):
-            batch = self.tokenizer.pad(
-                {"input_ids": [encoded[i] for i in indices]}, padding=True, return_tensors="pt"
-            ).to(self.device)
-            yield indices, batch
+        # Several batches' worth of prompts per call, so that waiting prompts take the places of finished rows.
+        self.chunk_prompts = 4 * max(8, config.batch_size)
 
     def generate(self, prompts: Sequence[str], n: int, sampling: Sampling) -> list[list[Completion]]:
         import torch
@@ -97,21 +55,15 @@ class TransformersBackend(Backend):
 
         if sampling.temperature <= 0 and n > 1:  # greedy decoding gives n identical answers: compute one
             return [row * n for row in self.generate(prompts, 1, sampling)]
-        results: list[list[Completion]] = [[] for _ in prompts]
-        stopped = self._stop_string_check(sampling.stop)
-        for indices, batch in self._batches(prompts, max(1, self.batch_size // n)):
-            # A row's seed comes from its prompt's place in this call, not from the batch it landed in.
-            seeds = [row_seed(sampling.seed, i, j) for i in indices for j in range(n)]
-            # The prompts are read in passes padded to their own longest row; the decoding steps keep them all.
-            passes = padded_batches(batch["attention_mask"].sum(-1).tolist(), len(indices), self.prefill_tokens)
-            with torch.inference_mode():
-                rows = sample(
-                    self.model, batch["input_ids"], batch["attention_mask"], n, sampling.temperature, sampling.top_p,
-                    sampling.max_new_tokens, self.stop_ids, stopped, seeds, prompt_passes=passes,
-                )
-            for row, tokens in enumerate(rows):
-                results[indices[row // n]].append(self._completion(tokens, sampling))
-        return results
+        # A row's seed comes from its prompt's place in this call, not from the rows it is decoded with.
+        seeds = [row_seed(sampling.seed, i, j) for i in range(len(prompts)) for j in range(n)]
+        with torch.inference_mode():
+            rows = sample(
+                self.model, [self.encode(p) for p in prompts], n, sampling.temperature, sampling.top_p,
+                sampling.max_new_tokens, self.stop_ids, self._stop_string_check(sampling.stop), seeds,
+                pad_id=self.tokenizer.pad_token_id or 0, max_rows=self.batch_size, prefill_tokens=self.prefill_tokens,
+            )
+        return [[self._completion(tokens, sampling) for tokens in rows[i * n : (i + 1) * n]] for i in range(len(prompts))]
 
     def _stop_string_check(self, stops: Sequence[str]):
         """Whether a row's tokens end in one of `stops`: only the last few tokens are decoded per step."""
