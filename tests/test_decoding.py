@@ -418,7 +418,7 @@ def test_padded_batches_choose_the_cheapest_cuts_within_both_limits():
     assert padded_batches([10, 11, 400, 401], 8, 4096, overhead=32) == [[0, 1], [2, 3]]
 
 
-def test_reserved_cache_gives_the_logits_of_dynamic_cache_through_row_drops_and_the_sliding_window(tiny_model, tmp_path):
+def test_reserved_cache_gives_the_logits_of_dynamic_cache_through_row_drops_moves_and_the_sliding_window(tiny_model, tmp_path):
     from transformers import DynamicCache
 
     from selfreward.backends.kv_cache import reserved_cache
@@ -437,8 +437,8 @@ def test_reserved_cache_gives_the_logits_of_dynamic_cache_through_row_drops_and_
             mask, position = mask.repeat_interleave(2, dim=0), positions[:, -1:].repeat_interleave(2, dim=0)
             token = out.logits[:, -1].argmax(-1).repeat_interleave(2).unsqueeze(-1)
             for step in range(10):
-                if step == 4:  # two rows finish and leave the batch
-                    keep = torch.tensor([0, 2, 3, 5])
+                if step in (4, 7):  # two rows finish and leave the batch; then one, and the rest change places
+                    keep = torch.tensor([0, 2, 3, 5] if step == 4 else [3, 0, 2])
                     cache.batch_select_indices(keep)
                     mask, position, token = mask[keep], position[keep], token[keep]
                 mask, position = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=-1), position + 1
@@ -449,3 +449,15 @@ def test_reserved_cache_gives_the_logits_of_dynamic_cache_through_row_drops_and_
         runs.append(logits)
     for dynamic, reserved in zip(*runs):
         assert torch.equal(dynamic, reserved)
+
+
+def test_packed_order_moves_only_the_kept_rows_beyond_the_packed_slots():
+    from selfreward.backends.decoding import packed_order
+
+    assert packed_order([0, 2, 3, 5]) == [0, 5, 2, 3]  # slot 1 freed: the kept slot 5 moves in, the rest stay
+    assert packed_order([0, 1, 2]) == [0, 1, 2]  # the last rows finished: nothing moves
+    assert packed_order([4, 5]) == [4, 5]
+    for keep in ([1, 3, 4, 6, 7], [0, 7], [2]):
+        order = packed_order(keep)
+        assert sorted(order) == keep
+        assert sum(new != old for new, old in enumerate(order)) == sum(slot >= len(keep) for slot in keep)

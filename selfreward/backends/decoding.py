@@ -181,6 +181,14 @@ def padded_batches(lengths: Sequence[int], max_rows: int, max_tokens: float, ove
     return batches[::-1]
 
 
+def packed_order(keep: list[int]) -> list[int]:
+    """The slots `keep` (ascending) packed into the first len(keep) slots by moving only kept slots from
+    beyond them into the freed ones: which old slot each new slot holds. A reserved cache then copies at
+    most as many rows as finished, not every row after the first that did."""
+    kept, tail = set(keep), iter(slot for slot in keep if slot >= len(keep))
+    return [slot if slot in kept else next(tail) for slot in range(len(keep))]
+
+
 @dataclass
 class _Decoding:
     """The rows being decoded: their cache (every row left-padded to the same stored length), attention mask
@@ -198,9 +206,10 @@ class _Decoding:
         next_tokens = torch.tensor(tokens, device=device).unsqueeze(-1)
         mask, position, rows = self.mask, self.position, self.rows
         if len(keep) < len(tokens):
-            slots = torch.tensor(keep, device=device)
+            order = packed_order(keep)
+            slots = torch.tensor(order, device=device)
             self.cache.batch_select_indices(slots)
-            mask, position, next_tokens, rows = mask[slots], position[slots], next_tokens[slots], [rows[s] for s in keep]
+            mask, position, next_tokens, rows = mask[slots], position[slots], next_tokens[slots], [rows[s] for s in order]
         mask = torch.cat([mask, mask.new_ones(len(keep), 1)], dim=-1)
         position = position + 1
         logits = model(
@@ -267,15 +276,16 @@ def sample(
     pad_id: int = 0,
     max_rows: int | None = None,
     prefill_tokens: float = float("inf"),
+    join_when_free: float = 0.5,
 ) -> list[list[int]]:
     """`n` continuations of each prompt (token lists), in row-major order (prompt i's sample j is row
     i * n + j), each ending at its first stop token (included) or when `stopped(tokens)`.
 
     `seeds` holds one seed per output row. Each prompt is computed once; its cache serves its n samples.
     At most `max_rows` rows (default: all) are decoded together (continuous batching): prompts enter
-    shortest first, and once finished rows have freed half of the rows, the next waiting prompts are read
-    and join the rows still decoding, so a batch's tail of a few long rows does not run alone while prompts
-    wait. Prompts are read in passes of at most `prefill_tokens` tokens, padding included, each padded only
+    shortest first, and once finished rows have freed `join_when_free` of the rows (1: all of them, i.e.
+    static batches), the next waiting prompts are read and join the rows still decoding, so a batch's
+    tail of a few long rows does not run alone while prompts wait. Joining copies the live rows' cache. Prompts are read in passes of at most `prefill_tokens` tokens, padding included, each padded only
     to its own longest prompt (`padded_batches`).
     """
     from selfreward.backends.kv_cache import all_reserved, reserved_cache
@@ -290,7 +300,7 @@ def sample(
     live: _Decoding | None = None
     while True:
         free = max_rows - (len(live.rows) if live else 0)
-        if waiting and (live is None or (joinable and free >= max(n, max_rows // 2))):
+        if waiting and (live is None or (joinable and free >= max(n, join_when_free * max_rows))):
             members, waiting = waiting[: free // n], waiting[free // n :]
             live = _admitted(model, live, prompts, members, n, max_new_tokens, prefill_tokens, pad_id, joinable)
         if live is None:

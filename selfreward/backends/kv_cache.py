@@ -57,9 +57,22 @@ class _Reserved:
             self._refresh()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized and self.key_buffer is not None:
+        """Row i becomes row `indices[i]`, in place: only the rows that change place are copied (their stored
+        positions), and the buffers keep their first len(indices) rows. Copying every row's whole buffer,
+        as indexing does, was ~8 % of sampled judging (18 layers x keys and values at each row drop)."""
+        if not self.is_initialized or self.key_buffer is None:
+            return
+        rows = len(indices)
+        if rows > self.key_buffer.shape[0]:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-            self._refresh()
+        else:
+            moved = (indices != torch.arange(rows, device=indices.device)).nonzero().squeeze(-1)
+            if len(moved):
+                sources = indices[moved]
+                for buffer in (self.key_buffer, self.value_buffer):
+                    buffer[moved, :, : self.stored] = buffer[sources, :, : self.stored]  # the sources are read first
+            self.key_buffer, self.value_buffer = self.key_buffer[:rows], self.value_buffer[:rows]
+        self._refresh()
 
 
 class ReservedLayer(_Reserved, DynamicLayer):
