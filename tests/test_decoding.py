@@ -99,16 +99,21 @@ SCHEDULES = [(None, float("inf")), (None, 24), (3, float("inf")), (6, 24), (9, f
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
 @pytest.mark.parametrize("max_rows,prefill_tokens", SCHEDULES)
+@pytest.mark.parametrize("start", ["none", "rubric", "instructions"])
 def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_cache(tiny_model, tmp_path, temperature, top_p, grouped,
-                                                                                     max_rows, prefill_tokens):
+                                                                                     max_rows, prefill_tokens, start):
     """Also with the prompts read in several passes, and with prompts joining rows already decoding: a joined
-    cache that put a row's positions anywhere but at the right end of its row samples other tokens."""
+    cache that put a row's positions anywhere but at the right end of its row samples other tokens. With a
+    start all prompts share (a rubric; then also rows of one pass sharing an instruction after it), that
+    start is computed once and the rest of each prompt read right-padded after it."""
     from selfreward.backends.attention import use_grouped_attention
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     if grouped:  # batched prompts and decoding steps through grouped attention; the reference's unpadded rows use sdpa
         assert use_grouped_attention(model)
-    encoded = [tokenizer(p)["input_ids"] for p in SAMPLED_PROMPTS]
+    texts = {"none": SAMPLED_PROMPTS, "rubric": [RUBRIC + p for p in SAMPLED_PROMPTS],
+             "instructions": SAME_INSTRUCTION + LONG_INSTRUCTION[:2]}[start]
+    encoded = [tokenizer(p)["input_ids"] for p in texts]
     # Many stop ids (a random model's choices are spread thin), so that rows finish at different steps and
     # leave the batch.
     stop_ids = set(range(100, 160)) if temperature > 0 else set()

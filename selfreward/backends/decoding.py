@@ -239,25 +239,49 @@ def _read_prompts(model, prompts: Sequence[Sequence[int]], members: list[int], n
                      [i * n + j for i in members for j in range(n)], logits.repeat_interleave(n, dim=0))
 
 
+def _read_after(model, prefix: Prefix, prompts: Sequence[Sequence[int]], members: list[int], n: int,
+                pad_id: int) -> tuple[_Decoding, list[int]]:
+    """`_read_prompts` for prompts that all start with `prefix` (a judge's rubric), computed once per call:
+    the rest of each prompt is read right-padded after a copy of its cache (`right_padded_pass`). Returns
+    the rows, whose cache is right-padded, and each row's length: `kv_cache.left_padded_union` moves each
+    row's positions to the right end of its row."""
+    hidden, cache = right_padded_pass(model, [prompts[i] for i in members], pad_id, prefix)
+    lengths = torch.tensor([len(prompts[i]) for i in members], device=hidden.device)
+    width = int(lengths.max())
+    mask = (torch.arange(width, device=hidden.device) >= width - lengths[:, None]).long()  # as if left-padded
+    cache.batch_repeat_interleave(n)
+    rows = _Decoding(cache, mask.repeat_interleave(n, dim=0), (lengths[:, None] - 1).repeat_interleave(n, dim=0),
+                     [i * n + j for i in members for j in range(n)], head_logits(model, hidden).to(model.dtype).repeat_interleave(n, dim=0))
+    return rows, lengths.repeat_interleave(n).tolist()
+
+
 def _admitted(model, live: _Decoding | None, prompts: Sequence[Sequence[int]], members: list[int], n: int,
-              max_new_tokens: int, prefill_tokens: float, pad_id: int, joinable: bool) -> _Decoding:
+              max_new_tokens: int, prefill_tokens: float, pad_id: int, joinable: bool, prefix: Prefix | None = None) -> _Decoding:
     """`live` (or nothing) joined by n rows for each prompt of `members`. The new prompts are read in passes
     padded to their own longest prompt; the caches of the passes and of the live rows are joined with every
     row at the right end of its row (`kv_cache.left_padded_union`), so the next steps decode them all."""
     from selfreward.backends.kv_cache import left_padded_union
 
-    lengths = [len(prompts[i]) for i in members]
+    lengths = [len(prompts[i]) - (prefix.length if prefix else 0) for i in members]
     passes = padded_batches(lengths, len(members), prefill_tokens) if joinable else [list(range(len(members)))]
-    if live is None and len(passes) == 1:  # nothing to join: the pass's cache is the decoding cache
+    if live is None and len(passes) == 1 and prefix is None:  # nothing to join: the pass's cache is the decoding cache
         return _read_prompts(model, prompts, members, n, max(lengths) + max_new_tokens, pad_id)
-    parts = ([live] if live else []) + [
-        _read_prompts(model, prompts, [members[i] for i in chosen], n, max(lengths[i] for i in chosen), pad_id) for chosen in passes
-    ]
+    parts, row_lengths = ([live], [None]) if live else ([], [])
+    for chosen in passes:
+        group = [members[i] for i in chosen]
+        if prefix is None:
+            parts.append(_read_prompts(model, prompts, group, n, max(lengths[i] for i in chosen), pad_id))
+            row_lengths.append(None)
+        else:
+            part, part_lengths = _read_after(model, prefix, prompts, group, n, pad_id)
+            parts.append(part)
+            row_lengths.append(part_lengths)
     width, places, start = max(part.mask.shape[-1] for part in parts), [], 0
     for part in parts:
         places.append(list(range(start, start + len(part.rows))))
         start += len(part.rows)
-    cache = left_padded_union(model.config, [(where, part.cache) for where, part in zip(places, parts)], start, width, width + max_new_tokens)
+    cache = left_padded_union(model.config, [(where, part.cache, filled) for where, part, filled in zip(places, parts, row_lengths)],
+                              start, width, width + max_new_tokens)
     mask = torch.cat([torch.nn.functional.pad(part.mask, (width - part.mask.shape[-1], 0)) for part in parts])
     return _Decoding(cache, mask, torch.cat([part.position for part in parts]), [row for part in parts for row in part.rows],
                      torch.cat([part.logits for part in parts]))
@@ -285,7 +309,9 @@ def sample(
     At most `max_rows` rows (default: all) are decoded together (continuous batching): prompts enter
     shortest first, and once finished rows have freed `join_when_free` of the rows (1: all of them, i.e.
     static batches), the next waiting prompts are read and join the rows still decoding, so a batch's
-    tail of a few long rows does not run alone while prompts wait. Joining copies the live rows' cache. Prompts are read in passes of at most `prefill_tokens` tokens, padding included, each padded only
+    tail of a few long rows does not run alone while prompts wait. Joining copies the live rows' cache.
+    What all prompts start with (at least MIN_SHARED_PREFIX tokens: a judge's rubric) is computed once, and
+    the rest of each prompt read after a copy of its cache. Prompts are read in passes of at most `prefill_tokens` tokens, padding included, each padded only
     to its own longest prompt (`padded_batches`).
     """
     from selfreward.backends.kv_cache import all_reserved, reserved_cache
@@ -297,12 +323,17 @@ def sample(
     max_rows = max(n, max_rows or len(outputs))
     joinable = all_reserved(reserved_cache(model.config, 1))  # else rows join only an empty batch
     waiting = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    # What every prompt starts with (a judge's rubric, a few-shot header) is computed once for the call.
+    shared = shared_prefix_length(prompts) if joinable else 0
+    prefix = Prefix(shared, reserved_cache(model.config, shared)) if shared >= MIN_SHARED_PREFIX else None
+    if prefix:
+        _extend(model, prefix.cache, prompts[0][:shared], 0)
     live: _Decoding | None = None
     while True:
         free = max_rows - (len(live.rows) if live else 0)
         if waiting and (live is None or (joinable and free >= max(n, join_when_free * max_rows))):
             members, waiting = waiting[: free // n], waiting[free // n :]
-            live = _admitted(model, live, prompts, members, n, max_new_tokens, prefill_tokens, pad_id, joinable)
+            live = _admitted(model, live, prompts, members, n, max_new_tokens, prefill_tokens, pad_id, joinable, prefix)
         if live is None:
             return outputs
         steps = torch.tensor([len(outputs[row]) for row in live.rows])
@@ -422,6 +453,12 @@ def last_token_hidden(model, rows: Sequence[Sequence[int]], pad_id: int, prefix:
     cache shared; the rest of each row follows right-padded, so every real token sits at its true position
     and never sees padding. The last layer works past attention only at each row's last real position.
     """
+    return right_padded_pass(model, rows, pad_id, prefix)[0]
+
+
+def right_padded_pass(model, rows: Sequence[Sequence[int]], pad_id: int, prefix: Prefix | None = None) -> tuple[torch.Tensor, object]:
+    """`last_token_hidden`, and the cache the pass filled: row r's positions 0 to len(rows[r]) - 1 hold its
+    tokens' keys and values, padding after them."""
     device = model.device
     start, cache = _continued(model, prefix)
     shared = shared_prefix_length(rows)
@@ -441,7 +478,7 @@ def last_token_hidden(model, rows: Sequence[Sequence[int]], pad_id: int, prefix:
     with last_layer_only_at(model, batch, last):
         hidden = model.get_decoder()(input_ids=suffix, attention_mask=attention_mask, position_ids=positions,
                                      past_key_values=cache, use_cache=True).last_hidden_state
-    return hidden[batch, last]
+    return hidden[batch, last], cache
 
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:

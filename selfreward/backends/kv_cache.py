@@ -103,19 +103,25 @@ def all_reserved(cache: DynamicCache) -> bool:
     return all(isinstance(layer, _Reserved) for layer in cache.layers)
 
 
-def left_padded_union(config, parts: list[tuple[list[int], DynamicCache]], rows: int, width: int, capacity: int) -> DynamicCache:
-    """One reserved cache of `rows` left-padded rows of `width` positions, from the reserved caches of
-    prompt passes over subsets of the rows: `parts` holds (rows of the union, that pass's cache), each
-    pass left-padded to its own longest row. Each part's positions go to the right end of its rows; the
-    slots to their left are zeros that the attention mask hides, as a pad token's would be. Every layer
+def left_padded_union(config, parts: list[tuple[list[int], DynamicCache, list[int] | None]], rows: int, width: int,
+                      capacity: int) -> DynamicCache:
+    """One reserved cache of `rows` left-padded rows of `width` positions, from reserved caches over subsets
+    of the rows: `parts` holds (rows of the union, that part's cache, None or each row's length). A part
+    without lengths is left-padded to its own longest row; one with lengths holds row r's positions at its
+    first lengths[r] positions (right-padded). Either way a row's positions go to the right end of its row;
+    the slots to their left are zeros that the attention mask hides, as a pad token's would be. Every layer
     is filled through its own `update`, as one pass over all rows would have filled it."""
     merged = reserved_cache(config, capacity)
     for index, layer in enumerate(merged.layers):
         joined = []
-        for stored in zip(*(part.layers[index].stored_states() for _, part in parts)):  # the keys, then the values
+        for stored in zip(*(part.layers[index].stored_states() for _, part, _ in parts)):  # the keys, then the values
             states = stored[0].new_zeros(rows, stored[0].shape[1], width, stored[0].shape[-1])
-            for (members, _), part_states in zip(parts, stored):
-                states[torch.tensor(members, device=states.device), :, width - part_states.shape[-2] :] = part_states
+            for (members, _, lengths), part_states in zip(parts, stored):
+                if lengths is None:
+                    states[torch.tensor(members, device=states.device), :, width - part_states.shape[-2] :] = part_states
+                    continue
+                for row, (member, length) in enumerate(zip(members, lengths)):
+                    states[member, :, width - length :] = part_states[row, :, :length]
             joined.append(states)
         layer.update(*joined)
     return merged
