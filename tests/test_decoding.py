@@ -466,3 +466,33 @@ def test_packed_order_moves_only_the_kept_rows_beyond_the_packed_slots():
         order = packed_order(keep)
         assert sorted(order) == keep
         assert sum(new != old for new, old in enumerate(order)) == sum(slot >= len(keep) for slot in keep)
+
+
+class RecordingModel:
+    """A model that records the attention-mask width of every forward pass (the cache's stored positions)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.widths = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, **kwargs):
+        self.widths.append(kwargs["attention_mask"].shape[-1])
+        return self.model(**kwargs)
+
+
+def test_rows_joining_late_do_not_carry_the_padding_of_rows_that_left(tiny_model, tmp_path):
+    """Twelve short prompts two at a time: each join pads the new rows only to the live rows' own tokens (at
+    most a prompt and max_new_tokens), so after it the rows grow by at most max_new_tokens more, however
+    many rows came and went before. Carrying every earlier row's padding on reached 61 positions here."""
+    model, tokenizer = tiny_gemma(tiny_model, tmp_path)
+    prompts = [tokenizer(f"Item {i}: hello there")["input_ids"] for i in range(12)]
+    recording = RecordingModel(model)
+    stop_ids, seeds = set(range(100, 130)), list(range(12))
+    with torch.inference_mode():
+        joined = sample(recording, prompts, 1, 1.0, 1.0, 10, stop_ids, lambda t: False, seeds, tokenizer.pad_token_id, max_rows=2)
+        alone = [sample(model, [p], 1, 1.0, 1.0, 10, stop_ids, lambda t: False, [seed]) [0] for p, seed in zip(prompts, seeds)]
+    assert joined == alone
+    assert len(recording.widths) > 30  # many steps and joins
+    assert max(recording.widths) <= max(map(len, prompts)) + 2 * 10

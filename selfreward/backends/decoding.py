@@ -276,6 +276,8 @@ def _admitted(model, live: _Decoding | None, prompts: Sequence[Sequence[int]], m
             part, part_lengths = _read_after(model, prefix, prompts, group, n, pad_id)
             parts.append(part)
             row_lengths.append(part_lengths)
+    if live:  # columns that are padding in every live row (they left with finished rows) are not carried on
+        live.mask = live.mask[:, live.mask.shape[-1] - int(live.mask.sum(-1).max()) :]
     width, places, start = max(part.mask.shape[-1] for part in parts), [], 0
     for part in parts:
         places.append(list(range(start, start + len(part.rows))))

@@ -107,8 +107,9 @@ def left_padded_union(config, parts: list[tuple[list[int], DynamicCache, list[in
                       capacity: int) -> DynamicCache:
     """One reserved cache of `rows` left-padded rows of `width` positions, from reserved caches over subsets
     of the rows: `parts` holds (rows of the union, that part's cache, None or each row's length). A part
-    without lengths is left-padded to its own longest row; one with lengths holds row r's positions at its
-    first lengths[r] positions (right-padded). Either way a row's positions go to the right end of its row;
+    without lengths is left-padded (its first positions beyond `width` are padding in all its rows and
+    are left out); one with lengths holds row r's positions at its first lengths[r] positions
+    (right-padded). Either way a row's positions go to the right end of its row;
     the slots to their left are zeros that the attention mask hides, as a pad token's would be. Every layer
     is filled through its own `update`, as one pass over all rows would have filled it."""
     merged = reserved_cache(config, capacity)
@@ -118,7 +119,8 @@ def left_padded_union(config, parts: list[tuple[list[int], DynamicCache, list[in
             states = stored[0].new_zeros(rows, stored[0].shape[1], width, stored[0].shape[-1])
             for (members, _, lengths), part_states in zip(parts, stored):
                 if lengths is None:
-                    states[torch.tensor(members, device=states.device), :, width - part_states.shape[-2] :] = part_states
+                    kept = min(width, part_states.shape[-2])
+                    states[torch.tensor(members, device=states.device), :, width - kept :] = part_states[:, :, -kept:]
                     continue
                 for row, (member, length) in enumerate(zip(members, lengths)):
                     states[member, :, width - length :] = part_states[row, :, :length]
