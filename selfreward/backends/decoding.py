@@ -234,8 +234,13 @@ def _read_prompts(model, prompts: Sequence[Sequence[int]], members: list[int], n
     with last_layer_only_at(model, batch, torch.full_like(batch, width - 1)):  # left-padded: the last column
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    return _samples(cache, mask, positions[:, -1:], logits, members, n)
+
+
+def _samples(cache, mask: torch.Tensor, position: torch.Tensor, logits: torch.Tensor, members: list[int], n: int) -> _Decoding:
+    """The n sample rows of each prompt of `members`, from one row per prompt: the cache and the rest repeated."""
     cache.batch_repeat_interleave(n)
-    return _Decoding(cache, mask.repeat_interleave(n, dim=0), positions[:, -1:].repeat_interleave(n, dim=0),
+    return _Decoding(cache, mask.repeat_interleave(n, dim=0), position.repeat_interleave(n, dim=0),
                      [i * n + j for i in members for j in range(n)], logits.repeat_interleave(n, dim=0))
 
 
@@ -249,9 +254,7 @@ def _read_after(model, prefix: Prefix, prompts: Sequence[Sequence[int]], members
     lengths = torch.tensor([len(prompts[i]) for i in members], device=hidden.device)
     width = int(lengths.max())
     mask = (torch.arange(width, device=hidden.device) >= width - lengths[:, None]).long()  # as if left-padded
-    cache.batch_repeat_interleave(n)
-    rows = _Decoding(cache, mask.repeat_interleave(n, dim=0), (lengths[:, None] - 1).repeat_interleave(n, dim=0),
-                     [i * n + j for i in members for j in range(n)], head_logits(model, hidden).to(model.dtype).repeat_interleave(n, dim=0))
+    rows = _samples(cache, mask, lengths[:, None] - 1, head_logits(model, hidden).to(model.dtype), members, n)
     return rows, lengths.repeat_interleave(n).tolist()
 
 
@@ -269,13 +272,10 @@ def _admitted(model, live: _Decoding | None, prompts: Sequence[Sequence[int]], m
     parts, row_lengths = ([live], [None]) if live else ([], [])
     for chosen in passes:
         group = [members[i] for i in chosen]
-        if prefix is None:
-            parts.append(_read_prompts(model, prompts, group, n, max(lengths[i] for i in chosen), pad_id))
-            row_lengths.append(None)
-        else:
-            part, part_lengths = _read_after(model, prefix, prompts, group, n, pad_id)
-            parts.append(part)
-            row_lengths.append(part_lengths)
+        part, filled = (_read_after(model, prefix, prompts, group, n, pad_id) if prefix
+                        else (_read_prompts(model, prompts, group, n, max(lengths[i] for i in chosen), pad_id), None))
+        parts.append(part)
+        row_lengths.append(filled)
     if live:  # columns that are padding in every live row (they left with finished rows) are not carried on
         live.mask = live.mask[:, live.mask.shape[-1] - int(live.mask.sum(-1).max()) :]
     width, places, start = max(part.mask.shape[-1] for part in parts), [], 0
@@ -313,8 +313,8 @@ def sample(
     static batches), the next waiting prompts are read and join the rows still decoding, so a batch's
     tail of a few long rows does not run alone while prompts wait. Joining copies the live rows' cache.
     What all prompts start with (at least MIN_SHARED_PREFIX tokens: a judge's rubric) is computed once, and
-    the rest of each prompt read after a copy of its cache. Prompts are read in passes of at most `prefill_tokens` tokens, padding included, each padded only
-    to its own longest prompt (`padded_batches`).
+    the rest of each prompt read after a copy of its cache. Prompts are read in passes of at most
+    `prefill_tokens` tokens, padding included, each padded only to its own longest prompt (`padded_batches`).
     """
     from selfreward.backends.kv_cache import all_reserved, reserved_cache
 

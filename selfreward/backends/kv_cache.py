@@ -109,9 +109,9 @@ def left_padded_union(config, parts: list[tuple[list[int], DynamicCache, list[in
     of the rows: `parts` holds (rows of the union, that part's cache, None or each row's length). A part
     without lengths is left-padded (its first positions beyond `width` are padding in all its rows and
     are left out); one with lengths holds row r's positions at its first lengths[r] positions
-    (right-padded). Either way a row's positions go to the right end of its row;
-    the slots to their left are zeros that the attention mask hides, as a pad token's would be. Every layer
-    is filled through its own `update`, as one pass over all rows would have filled it."""
+    (right-padded). Either way a row's positions go to the right end of its row; the slots to their left
+    are zeros that the attention mask hides, as a pad token's would be. Every layer is filled through its
+    own `update`, as one pass over all rows would have filled it."""
     merged = reserved_cache(config, capacity)
     for index, layer in enumerate(merged.layers):
         joined = []

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 from selfreward.backends.attention import use_grouped_attention
 from selfreward.backends.base import Backend, Completion, Sampling, cut_at_stop
-from selfreward.backends.decoding import BATCH_OVERHEAD_TOKENS, padded_batches
+from selfreward.backends.decoding import (
+    BATCH_OVERHEAD_TOKENS, extended_prefix, head_logits, last_token_hidden, padded_batches, prefix_plan, sample,
+)
 from selfreward.backends.norms import use_inplace_norms
 from selfreward.backends.onednn import use_onednn
 from selfreward.models import load_causal_lm, load_tokenizer, stop_token_ids
@@ -51,8 +53,6 @@ class TransformersBackend(Backend):
     def generate(self, prompts: Sequence[str], n: int, sampling: Sampling) -> list[list[Completion]]:
         import torch
 
-        from selfreward.backends.decoding import sample
-
         if sampling.temperature <= 0 and n > 1:  # greedy decoding gives n identical answers: compute one
             return [row * n for row in self.generate(prompts, 1, sampling)]
         # A row's seed comes from its prompt's place in this call, not from the rows it is decoded with.
@@ -89,8 +89,6 @@ class TransformersBackend(Backend):
 
     def next_token_probs(self, prompts: Sequence[str], token_ids: Sequence[int]) -> list[list[float]]:
         import torch
-
-        from selfreward.backends.decoding import extended_prefix, head_logits, last_token_hidden, prefix_plan
 
         encoded = [self.encode(p) for p in prompts]
         if not encoded:
