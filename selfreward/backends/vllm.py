@@ -49,7 +49,7 @@ class VllmBackend(Backend):
             gpu_memory_utilization=config.vllm.gpu_memory_utilization,
             tensor_parallel_size=config.vllm.tensor_parallel_size,
             max_model_len=config.vllm.max_model_len,
-            enforce_eager=config.vllm.enforce_eager,
+            enforce_eager=on_cpu if config.vllm.enforce_eager is None else config.vllm.enforce_eager,
             enable_prefix_caching=config.vllm.enable_prefix_caching,
             trust_remote_code=trust_remote_code,
             logits_processors=[TopP] if self.top_p_processor else None,
