@@ -151,15 +151,16 @@ def test_offline_vllm_engine_judges_like_transformers(model_path, tmp_path):
     assert [r["score"] for r in engine] == pytest.approx([r["score"] for r in reference], abs=0.15)
 
 
-def test_offline_engine_on_cpu_is_eager_and_its_top_p_samples_as_vllms_own(model_path):
+def test_offline_engine_takes_the_recipes_settings_and_its_top_p_samples_as_vllms_own(model_path):
     from selfreward.backends import open_backend
     from selfreward.backends.base import Sampling
     from selfreward.recipe import BackendSection, VllmSection
 
-    backend = open_backend(model_path, BackendSection(kind="vllm", vllm=VllmSection(max_model_len=2048, cpu_kv_cache_gib=2)))
+    backend = open_backend(model_path, BackendSection(kind="vllm", vllm=VllmSection(max_model_len=2048, cpu_kv_cache_gib=2, max_num_seqs=16)))
     try:
         assert backend.top_p_processor  # on a CPU: vLLM's sampler would sort the vocabulary at every step
         assert backend.llm.model_config.enforce_eager  # the recipe's default (None) on a CPU: no compile
+        assert backend.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 16  # fewer than the 24 rows below
         prompts = [backend.chat_prompt([{"role": "user", "content": q}]) for _, q, _ in ITEMS]
         sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=32, seed=5)
         ours = [c.text for row in backend.generate(prompts, 8, sampling) for c in row]

@@ -53,6 +53,8 @@ class VllmBackend(Backend):
             enable_prefix_caching=config.vllm.enable_prefix_caching,
             trust_remote_code=trust_remote_code,
             logits_processors=[TopP] if self.top_p_processor else None,
+            **{key: value for key in ("max_num_seqs", "max_num_batched_tokens")
+               if (value := getattr(config.vllm, key)) is not None},
         )
 
     def _prompts(self, prompts: Sequence[str]):
