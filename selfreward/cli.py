@@ -26,6 +26,13 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+def _top_p_in_range(value: float) -> float:
+    """--top-p: top-p keeps the smallest set of tokens holding this much probability, so 0 would keep none."""
+    if not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value} is not in (0, 1]")
+    return value
+
+
 RecipeOption = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")]
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Run directory; rerun with the same one to resume.")]
 IterationOption = Annotated[int, typer.Option("--iteration", "-t", min=1, help="Iteration t (uses M_t, writes iter{t}/).")]
@@ -210,7 +217,7 @@ def judge(
     api: Annotated[str, typer.Option("--api", help="Endpoint API: chat or completions (expected mode needs completions).")] = "chat",
     backend: Annotated[str, typer.Option("--backend", help="Local backend: auto, vllm or transformers.")] = "auto",
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
+    top_p: Annotated[float, typer.Option(callback=_top_p_in_range, help="Top-p, in (0, 1].")] = 0.9,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 192,
     template: Annotated[Path | None, typer.Option(help="Judge template file with {instruction} and {response}.")] = None,
     max_instruction_chars: Annotated[int, typer.Option(min=1, help="File mode: longer instructions are cut to this many characters (counted).")] = MAX_INSTRUCTION_CHARS,
@@ -271,7 +278,7 @@ def judge_eval(
     api: Annotated[str, typer.Option(help="Endpoint API: chat or completions.")] = "chat",
     backend: Annotated[str, typer.Option(help="Local backend: auto, vllm or transformers.")] = "auto",
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
+    top_p: Annotated[float, typer.Option(callback=_top_p_in_range, help="Top-p, in (0, 1].")] = 0.9,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 192,
     report_path: Annotated[Path | None, typer.Option("--report", help="Also write the metrics here (JSON).")] = None,
     seed: int = 0,

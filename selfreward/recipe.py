@@ -39,7 +39,8 @@ class VllmSection(Section):
     enable_prefix_caching: bool = True
     # Sequences the engine decodes together, and tokens it computes per step (the chunked-prefill budget);
     # None keeps vLLM's defaults. On the 2-core CPU the default 4,096 tokens read judge prompts faster
-    # than 2,048 or 16,384.
+    # than 2,048 or 16,384. vLLM needs max_num_batched_tokens >= max_num_seqs (its default max_num_seqs
+    # is 256 or more): set both when lowering the budget.
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)
     # CPU only: GiB of memory for the KV cache (VLLM_CPU_KVCACHE_SPACE).
@@ -228,6 +229,10 @@ class Recipe(Section):
     def _check(self) -> Recipe:
         if self.prompts.max_chars <= self.prompts.min_chars:
             raise ValueError("prompts.max_chars must be greater than prompts.min_chars")
+        vllm = self.backend.vllm
+        if vllm.max_num_seqs and vllm.max_num_batched_tokens and vllm.max_num_batched_tokens < vllm.max_num_seqs:
+            # vLLM would refuse to start, after the stages before the first generation had run.
+            raise ValueError("backend.vllm.max_num_batched_tokens must be at least backend.vllm.max_num_seqs")
         return self
 
 
@@ -278,3 +283,10 @@ def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
                 return found
         return None
     return None if old == new else prefix.rstrip(".")
+
+
+def value_at(resolved: dict, key: str) -> Any:
+    """The value at a dotted key of a resolved recipe (as `first_difference` names it), None if absent."""
+    for part in key.split("."):
+        resolved = resolved.get(part) if isinstance(resolved, dict) else None
+    return resolved

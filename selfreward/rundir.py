@@ -33,7 +33,7 @@ import yaml
 
 from selfreward.errors import UserError, writing
 from selfreward.jsonl import write_atomic, write_json_atomic
-from selfreward.recipe import Recipe, first_difference, parse_recipe, recipe_yaml
+from selfreward.recipe import Recipe, first_difference, parse_recipe, recipe_yaml, value_at
 from selfreward.units import Shard
 
 
@@ -134,11 +134,14 @@ class RunDir:
         text = recipe_yaml(recipe)
         if self.recipe_path.exists():
             old = parse_recipe(yaml.safe_load(self.recipe_path.read_text(encoding="utf-8")), str(self.recipe_path))
-            key = first_difference(old.model_dump(mode="json"), recipe.model_dump(mode="json"))
+            before, now = old.model_dump(mode="json"), recipe.model_dump(mode="json")
+            key = first_difference(before, now)
             if key:
+                # Naming both values tells a user whose recipe only took a newer default what to set to resume.
                 raise UserError(
-                    f"{self.recipe_path}: this run was started with a different recipe ('{key}' differs); "
-                    "use a new --output directory, or delete this one to start over"
+                    f"{self.recipe_path}: this run was started with a different recipe ('{key}' differs: "
+                    f"{json.dumps(value_at(before, key))} in this run, {json.dumps(value_at(now, key))} in the recipe); "
+                    "set it as the run has it, use a new --output directory, or delete this one to start over"
                 )
             return
         write_atomic(self.recipe_path, text)

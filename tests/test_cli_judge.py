@@ -71,3 +71,14 @@ def test_bad_input_fails_before_any_model_is_loaded(tmp_path, opened, content, m
     result = invoke(opened, "judge", "-i", str(items), "-o", str(tmp_path / "out.jsonl"), "-m", "tiny")
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert opened.calls == [] and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", [["judge", "-i"], ["judge-eval", "--ranked"]])
+@pytest.mark.parametrize("top_p", ["0", "1.5"])
+def test_a_top_p_outside_0_1_is_refused_before_any_model_is_loaded(tmp_path, opened, command, top_p):
+    # Top-p 0 would keep no token: vLLM refuses it, and a sampler handed it has nothing to draw from.
+    items = tmp_path / "items.jsonl"
+    write_items(items, 2)
+    result = invoke(opened, *command, str(items), "-m", "tiny", "--top-p", top_p)
+    assert result.exit_code == 2 and "not in (0, 1]" in result.output and "Traceback" not in result.output
+    assert opened.calls == []

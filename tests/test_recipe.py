@@ -22,6 +22,8 @@ from tests.conftest import ROOT
         ({"iterations": "two"}, "iterations"),
         ({"backend": {"kind": "tpu"}}, "backend.kind"),
         ({"limits": {"max_response_chars": 0}}, "limits.max_response_chars"),
+        ({"backend": {"vllm": {"max_num_seqs": 64, "max_num_batched_tokens": 32}}},
+         "backend.vllm.max_num_batched_tokens must be at least backend.vllm.max_num_seqs"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):
@@ -77,8 +79,10 @@ def test_changed_recipe_is_refused_for_an_existing_run(tmp_path):
     run = RunDir(tmp_path / "run")
     run.bind_recipe(parse_recipe({"seed": 1}, "a"))
     run.bind_recipe(parse_recipe({"seed": 1}, "a"))  # the same recipe resumes
-    with pytest.raises(UserError, match="'judge.samples' differs"):
+    with pytest.raises(UserError, match=r"'judge\.samples' differs: 3 in this run, 5 in the recipe\); set it as the run"):
         run.bind_recipe(parse_recipe({"seed": 1, "judge": {"samples": 5}}, "b"))
+    with pytest.raises(UserError, match="'backend.vllm.max_num_seqs' differs: null in this run, 8 in the recipe"):
+        run.bind_recipe(parse_recipe({"seed": 1, "backend": {"vllm": {"max_num_seqs": 8}}}, "c"))
     assert yaml.safe_load(run.recipe_path.read_text())["judge"]["samples"] == 3
 
 

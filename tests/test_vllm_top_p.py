@@ -58,10 +58,12 @@ def test_processor_applies_each_requests_top_p_to_its_row_through_batch_changes(
     assert processor.is_argmax_invariant()
     # Rows 0-3: top-p 0.5, none (vLLM's own sampling only), 0.9, 0.7.
     processor.update_state(_batch(added=[(i, request(p), [], []) for i, p in enumerate([0.5, None, 0.9, 0.7])]))
-    # Row 0 leaves and row 2 moves to its place; rows 1 and 3 swap; a request of top-p 1.0 takes row 2.
+    # Row 0 leaves and row 2 moves to its place; rows 1 and 3 swap; a request of top-p 0.6 takes row 2,
+    # then one of top-p 1.0 (nothing to cut) replaces it.
     processor.update_state(_batch(removed=[0], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL),
                                                       (1, 3, MoveDirectionality.SWAP)]))
-    processor.update_state(_batch(added=[(2, request(1.0), [], [])]))
+    processor.update_state(_batch(added=[(2, request(0.6), [], [])]))
+    processor.update_state(_batch(added=[(2, request(1.0), [], [])]))  # vLLM reuses a freed row by adding to it
     logits = logits_rows()[[1, 5, 6, 7]]  # one peaked row, three flat ones
     applied = processor.apply(logits.clone())
     expected = logits.clone()
@@ -76,3 +78,15 @@ def test_processor_applies_each_requests_top_p_to_its_row_through_batch_changes(
     expected = logits.clone()
     keep_nucleus(expected, 0.8)
     assert torch.equal(applied, expected) and torch.isinf(applied).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("top_p", [0.0, -0.5, 1.5])
+def test_a_top_p_outside_0_1_is_refused_not_sampled_from_an_empty_nucleus(top_p):
+    from vllm import SamplingParams
+
+    from selfreward.backends.vllm_top_p import TOP_P, TopP
+
+    with pytest.raises(ValueError, match=TOP_P):
+        TopP.validate_params(SamplingParams(top_p=1.0, extra_args={TOP_P: top_p}))
+    TopP.validate_params(SamplingParams(top_p=1.0, extra_args={TOP_P: 1.0}))
+    TopP.validate_params(SamplingParams(top_p=1.0))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,3 +74,9 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Free the model (and the accelerator) before another stage loads one."""
+
+
+def row_seed(seed: int, prompt: int, sample: int) -> int:
+    """The seed of one output row: sample `sample` of the call's prompt number `prompt`."""
+    digest = hashlib.sha256(f"{seed}:{prompt}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)

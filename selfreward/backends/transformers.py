@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 from collections.abc import Sequence
 
 from selfreward.backends.attention import use_grouped_attention
-from selfreward.backends.base import Backend, Completion, Sampling, cut_at_stop
+from selfreward.backends.base import Backend, Completion, Sampling, cut_at_stop, row_seed
 from selfreward.backends.decoding import (
     BATCH_OVERHEAD_TOKENS, extended_prefix, head_logits, last_token_hidden, padded_batches, prefix_plan, sample,
 )
@@ -19,12 +18,6 @@ from selfreward.models import load_causal_lm, load_tokenizer, stop_token_ids
 from selfreward.precision import default_device, inference_dtype
 
 log = logging.getLogger(__name__)
-
-
-def row_seed(seed: int, prompt: int, sample: int) -> int:
-    """The seed of one output row: sample `sample` of the call's prompt number `prompt`."""
-    digest = hashlib.sha256(f"{seed}:{prompt}:{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 # Rows per LM-head call in `next_token_probs` (their float32 logits: 256 x 262k x 4 bytes = 256 MiB).

@@ -40,6 +40,12 @@ def keep_nucleus(logits: torch.Tensor, top_p: float) -> None:
 class TopP(LogitsProcessor):
     """vLLM logits processor: top-p for the requests whose `extra_args` carry `TOP_P`."""
 
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        top_p = (sampling_params.extra_args or {}).get(TOP_P)
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"{TOP_P} must be in (0, 1], got {top_p}")  # 0 would keep no token
+
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         self.top_p: dict[int, float] = {}  # batch index -> top-p
 
