@@ -272,6 +272,31 @@ def test_sample_tokens_is_greedy_at_temperature_zero_and_follows_the_uniform_num
     assert low.tolist() == [0, 0] and high.tolist() == [2, 2]
 
 
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh runs it on one)")
+
+
+@GPU
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_sampling_on_a_gpu_draws_the_tokens_it_draws_on_the_cpu(top_p):
+    logits = torch.randn(16, 5000, generator=torch.Generator().manual_seed(0)) * 3
+    uniforms = row_uniforms(range(16), 1)[:, 0]
+    on_cpu = sample_tokens(logits, 0.7, top_p, uniforms)
+    assert sample_tokens(logits.cuda(), 0.7, top_p, uniforms).cpu().tolist() == on_cpu.tolist()
+
+
+@GPU
+def test_transformers_backend_on_a_gpu_generates_the_texts_it_generates_on_the_cpu(tiny_model):
+    from selfreward.backends.transformers import TransformersBackend
+
+    sampling = Sampling(temperature=0.9, top_p=0.9, max_new_tokens=10, seed=5)
+    backend = TransformersBackend(tiny_model, BackendSection(kind="transformers", dtype="float32", batch_size=4))
+    assert backend.model.device.type == "cuda"
+    prompts = [backend.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+    on_gpu = [[c.text for c in row] for row in backend.generate(prompts, 2, sampling)]
+    backend.model.to("cpu")
+    assert [[c.text for c in row] for row in backend.generate(prompts, 2, sampling)] == on_gpu
+
+
 RUBRIC = "Rate the response on a scale of 0 to 5, one point per criterion met. "
 # Two answers to one long instruction: rows that share more than the rubric.
 SAME_INSTRUCTION = [RUBRIC + "Describe the water cycle in detail, step by step, for a class of ten year olds. " + a

@@ -60,6 +60,8 @@ def log_normaliser(logits: torch.Tensor, temperature: float, row_max: torch.Tens
     cast): the temporaries stay in cache instead of several full (rows, vocab) float32 tensors, whose memory
     traffic is most of a decoding step's sampling cost with a 262k vocabulary.
     """
+    if logits.device.type != "cpu":  # a GPU reads memory fast enough; one kernel beats 4 launches per chunk
+        return torch.logsumexp(logits.float() / temperature, dim=-1, keepdim=True)
     total = torch.zeros(logits.shape[0], 1, dtype=torch.float32, device=logits.device)
     buffer = torch.empty(logits.shape[0], min(chunk, logits.shape[-1]), dtype=torch.float32, device=logits.device)
     for start in range(0, logits.shape[-1], chunk):
@@ -107,7 +109,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, unifor
     else:
         kept, ids = torch.softmax(logits.float() / temperature, dim=-1), None
     cumulative = kept.double().cumsum(dim=-1)
-    target = (uniforms.to(cumulative.dtype) * cumulative[:, -1]).unsqueeze(-1)
+    # The uniform numbers are drawn on the CPU (the same stream on every device) and move to the logits' device.
+    target = (uniforms.to(cumulative.device, cumulative.dtype) * cumulative[:, -1]).unsqueeze(-1)
     choice = torch.searchsorted(cumulative, target, right=True).clamp(max=kept.shape[-1] - 1)
     if ids is None:
         return choice.squeeze(-1)
