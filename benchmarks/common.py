@@ -16,31 +16,61 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from selfreward.precision import inference_dtype
+from selfreward.precision import default_device, inference_dtype
 
 
-# What `backend.dtype: auto` loads models in here; benchmarks load in it too and measure its matmul rate.
+# Where the pipeline computes here (a GPU if torch sees one) and what `backend.dtype: auto` loads models in
+# there; benchmarks load in it too and measure its matmul rate on that device.
+DEVICE = default_device()
 COMPUTE_DTYPE = inference_dtype("auto")
 
 
-def matmul_gflops(dtype: str = COMPUTE_DTYPE, size: int = 2048, seconds: float = 3.0, window: float = 0.5) -> float:
+def matmul_gflops(dtype: str = COMPUTE_DTYPE, size: int | None = None, seconds: float = 3.0, window: float = 0.5) -> float:
     """The machine's bf16 (or `dtype`) compute limit as MFU's denominator: GFLOP/s of square `size` matmuls
-    on all the cores torch uses, the best `window`-second stretch of `seconds` (these shared machines have
-    slow spells; a mean over them would understate the limit and overstate every MFU)."""
+    on `DEVICE` (all the cores torch uses, or the GPU), the best `window`-second stretch of `seconds` (these
+    shared machines have slow spells; a mean over them would understate the limit and overstate every MFU).
+    A GPU gets larger matrices (8192 against 2048) and is synchronised before each stretch is timed."""
     import torch
 
+    size = size or (8192 if DEVICE == "cuda" else 2048)
     kind = getattr(torch, dtype)
-    a, b = torch.randn(size, size, dtype=kind), torch.randn(size, size, dtype=kind)
+    a, b = (torch.randn(size, size, dtype=kind, device=DEVICE) for _ in range(2))
+    # Launches on a GPU are asynchronous: run a few between synchronisations so the clock sees the work.
+    per_sync = 10 if DEVICE == "cuda" else 1
     for _ in range(3):  # warm-up
         a @ b
+    synchronize()
     best, started = 0.0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         count, begun = 0, time.perf_counter()
         while time.perf_counter() - begun < window:
-            a @ b
-            count += 1
+            for _ in range(per_sync):
+                a @ b
+            synchronize()
+            count += per_sync
         best = max(best, 2 * size**3 * count / (time.perf_counter() - begun) / 1e9)
     return best
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work (nothing to wait for on a CPU), so a clock read after it counts it."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_cuda_gib() -> float | None:
+    """Peak GPU memory this process allocated through torch, or None without a GPU."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def parameters(model_path: str) -> dict[str, int]:

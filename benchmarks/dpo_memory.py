@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import COMPUTE_DTYPE, matmul_gflops, mfu, parameters, peak_rss_gib, report
+from benchmarks.common import COMPUTE_DTYPE, device_name, matmul_gflops, mfu, parameters, peak_cuda_gib, peak_rss_gib, report, synchronize
 
 ROWS = ("trl-default", "lora-adapter-ref", "lora-precomputed-ref")
 IFT = Path(__file__).resolve().parent.parent / "data" / "ift.jsonl"
@@ -106,12 +106,9 @@ def epochs_for(steps: int, pairs: int, batch_size: int) -> float:
 def step_timer():
     """A trainer callback timing each optimizer step (synchronising a GPU first, so that a step's time is
     its own) and noting when the first step began and the peak memory when training ended."""
-    import torch
     from transformers import TrainerCallback
 
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    sync = synchronize
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -185,7 +182,6 @@ def child(args) -> None:
     """Train one row and write its measurements as one JSON line on stdout (everything else the trainers
     print goes to stderr, so that the parent reads only that line)."""
     import psutil
-    import torch
 
     timer = step_timer()
     with tempfile.TemporaryDirectory(prefix="dpo-memory-") as folder, contextlib.redirect_stdout(sys.stderr):
@@ -204,8 +200,8 @@ def child(args) -> None:
         "peak_rss_gib": peak_rss_gib(),
         "peak_rss_train_gib": timer.peak_rss_train_gib,
     }
-    if torch.cuda.is_available():
-        row["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if peak_cuda_gib() is not None:
+        row["peak_cuda_gib"] = peak_cuda_gib()
     sys.stdout.write(json.dumps({**row, **extra}) + "\n")
 
 
@@ -284,7 +280,7 @@ def parent(args) -> None:
                "batch_size": args.batch_size, "gradient_accumulation_steps": GRADIENT_ACCUMULATION_STEPS,
                "max_length": args.max_length, "max_steps": args.steps, "num_train_epochs": epochs,
                "learning_rate": args.learning_rate, "gradient_checkpointing": args.gradient_checkpointing,
-               "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+               "device": device_name(),
                "tokens_per_step": round(tokens_per_step, 1), "parameters": params,
                "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE,
                "flops_convention": "6 x total parameters per token for every row, LoRA included; the reference "

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import COMPUTE_DTYPE, matmul_gflops, mfu, parameters, report
+from benchmarks.common import COMPUTE_DTYPE, DEVICE, device_name, matmul_gflops, mfu, parameters, report
 from selfreward.allocator import keep_freed_memory
 from selfreward.backends import Sampling, open_backend, vllm_available
 from selfreward.models import resolve_model
@@ -37,20 +37,20 @@ def chats(tokenizer, count: int) -> list[str]:
 
 
 def naive(model_path: str, prompts: int, n: int, sampling: Sampling) -> dict:
-    """One `generate` call per prompt, as a one-off script would write it."""
+    """One `generate` call per prompt, as a one-off script would write it (on the GPU where there is one)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, COMPUTE_DTYPE)).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, COMPUTE_DTYPE)).to(DEVICE).eval()
     loaded = time.perf_counter() - started
     eos = model.generation_config.eos_token_id
     stop = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.convert_tokens_to_ids("<end_of_turn>")}
     torch.manual_seed(sampling.seed)
     generated, started = 0, time.perf_counter()
     for prompt in chats(tokenizer, prompts):
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(DEVICE)
         with torch.inference_mode():
             out = model.generate(**ids, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=None,
                                  max_new_tokens=sampling.max_new_tokens, num_return_sequences=n, eos_token_id=sorted(stop),
@@ -66,7 +66,9 @@ def ours(kind: str, model_path: str, prompts: int, n: int, sampling: Sampling, b
     backend = open_backend(model_path, BackendSection(kind=kind, batch_size=batch_size))
     loaded = time.perf_counter() - started
     texts = chats(backend.tokenizer, prompts)
-    backend.generate(texts[:2], 1, Sampling(max_new_tokens=4))  # warm-up
+    # Warm-up on the timed call's own shape (every prompt, n samples, so rows join and leave as they will),
+    # a few tokens long: lazy set-up (kernel loading on a GPU) stays out of the timing.
+    backend.generate(texts, n, Sampling(temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=4))
     started = time.perf_counter()
     outputs = backend.generate(texts, n, sampling)
     seconds = time.perf_counter() - started
@@ -103,7 +105,8 @@ def main() -> None:
         row["vs_naive"] = row["tok_per_s"] / rows[0]["tok_per_s"] if "naive" not in skip else None
         row["mfu"] = mfu(row["tok_per_s"], 2 * params, gflops)
     report("(a) generation: generated tokens per second, same prompts, model and sampling", rows, args.output, {
-        "model": args.model, "parameters": params, "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE, "prompts": args.prompts,
+        "model": args.model, "parameters": params, "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE,
+        "device": device_name(), "prompts": args.prompts,
         "n": args.n, "max_new_tokens": args.tokens, "temperature": 0.7, "top_p": 0.9, "command": " ".join(sys.argv),
     })
 

@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import COMPUTE_DTYPE, cpu_times, matmul_gflops, mfu, parameters, peak_rss_gib, report
+from benchmarks.common import (COMPUTE_DTYPE, cpu_times, device_name, matmul_gflops, mfu, parameters, peak_cuda_gib, peak_rss_gib,
+                               report, synchronize)
 
 ROWS = {
     "trl head": {"labels_only": False, "keep_freed_memory": False, "gradient_checkpointing": True},
@@ -67,10 +68,12 @@ def child(name: str, args) -> dict:
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.first is None:
+                synchronize()
                 self.first = time.perf_counter()
                 self.cpu = cpu_times()
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize()
             self.last = time.perf_counter()
             self.cpu_end = cpu_times()
 
@@ -86,7 +89,7 @@ def child(name: str, args) -> dict:
     user, system = (b - a for a, b in zip(clock.cpu, clock.cpu_end))
     return {"row": name, "steps": result["steps"], "train_s": seconds, "tokens": clock.tokens, "tok_per_s": clock.tokens / seconds,
             "system_cpu_share": system / (user + system), "peak_rss_gib": peak_rss_gib(),
-            "losses": [e["loss"] for e in result["log"]], "mean_loss": result["train_loss"], "labels_only_head": result["lm_head_on_labels_only"]}
+            "peak_cuda_gib": peak_cuda_gib(), "losses": [e["loss"] for e in result["log"]], "mean_loss": result["train_loss"], "labels_only_head": result["lm_head_on_labels_only"]}
 
 
 def main() -> None:
@@ -121,7 +124,7 @@ def main() -> None:
     losses = {row["row"]: row.pop("losses") for row in rows}
     report("(d) SFT: tokens per second before and after the LM-head change", rows, args.output, {
         "model": args.model, "recipe": args.recipe, "epochs": args.epochs, "parameters": params,
-        "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE, "losses": losses, "command": " ".join(sys.argv),
+        "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE, "device": device_name(), "losses": losses, "command": " ".join(sys.argv),
     })
 
 
