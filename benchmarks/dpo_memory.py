@@ -108,8 +108,6 @@ def step_timer():
     its own) and noting when the first step began and the peak memory when training ended."""
     from transformers import TrainerCallback
 
-    sync = synchronize
-
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.first_step_at: float | None = None  # wall clock, to compare with the process start
@@ -118,13 +116,13 @@ def step_timer():
             self.peak_rss_train_gib: float | None = None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            sync()
+            synchronize()
             if self.first_step_at is None:
                 self.first_step_at = time.time()
             self.began = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            sync()
+            synchronize()
             self.durations.append(time.perf_counter() - self.began)
 
         def on_train_end(self, args, state, control, **kwargs):
