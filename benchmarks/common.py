@@ -60,6 +60,15 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def without_cudnn_attention() -> None:
+    """Keep PyTorch's attention off cuDNN for this process (flash, memory-efficient or math kernels instead):
+    an experiment for GPUs, where cuDNN builds an execution plan per new shape, and decoding (one key more
+    per step) and padded training batches bring a new shape at almost every call."""
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def peak_cuda_gib() -> float | None:
     """Peak GPU memory this process allocated through torch, or None without a GPU."""
     import torch

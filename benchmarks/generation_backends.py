@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import COMPUTE_DTYPE, DEVICE, device_name, matmul_gflops, mfu, parameters, report
+from benchmarks.common import COMPUTE_DTYPE, DEVICE, device_name, matmul_gflops, mfu, parameters, report, without_cudnn_attention
 from selfreward.allocator import keep_freed_memory
 from selfreward.backends import Sampling, open_backend, vllm_available
 from selfreward.models import resolve_model
@@ -84,8 +84,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="max new tokens per sample")
     parser.add_argument("--batch-size", type=int, default=64, help="rows our backends decode at once")
     parser.add_argument("--skip", default="", help="comma list of paths to leave out: naive, transformers, vllm")
+    parser.add_argument("--no-cudnn-attention", action="store_true", help="keep attention off cuDNN (a GPU experiment)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/generation_backends.json"))
     args = parser.parse_args()
+    if args.no_cudnn_attention:
+        without_cudnn_attention()
     if sys.platform == "linux" and os.cpu_count():
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
     model = resolve_model(args.model)
@@ -107,7 +110,7 @@ def main() -> None:
     report("(a) generation: generated tokens per second, same prompts, model and sampling", rows, args.output, {
         "model": args.model, "parameters": params, "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE,
         "device": device_name(), "prompts": args.prompts,
-        "n": args.n, "max_new_tokens": args.tokens, "temperature": 0.7, "top_p": 0.9, "command": " ".join(sys.argv),
+        "n": args.n, "max_new_tokens": args.tokens, "cudnn_attention": not args.no_cudnn_attention, "temperature": 0.7, "top_p": 0.9, "command": " ".join(sys.argv),
     })
 
 

@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu.sh [OUTPUT_FOLDER]          # default: $OUT, else benchmarks/results/gpu
 # Each benchmark runs under its own time limit (LIMIT seconds, default 200), so that one that fails or
 # hangs leaves the others' results; its log and JSON go to the output folder. ONLY="a d" runs only those
-# (parts: tests, the GPU tests of the sampler; a, c, d, the benchmarks).
+# (parts: tests, the GPU tests of the sampler; a, c, d, the benchmarks; cudnn, (a) and (d) without cuDNN attention).
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results/gpu}}
 python=${PYTHON:-python3}
@@ -31,11 +31,16 @@ run() {  # NAME MODULE ARGS...: the log in full to the output folder, its end he
   timeout "${LIMIT:-200}" "$python" -m "$@" > "$out/$name.log" 2>&1
   echo "   exit $?"; grep -v '%|' "$out/$name.log" | tail -n "${TAIL:-14}"
 }
-only=" ${ONLY:-tests a c d} "  # which of the parts below to run
+only=" ${ONLY:-tests a c d cudnn} "  # which of the parts below to run
 [[ $only == *" tests "* ]] && TAIL=3 run tests pytest -q -p no:cacheprovider tests/test_decoding.py -k gpu
 [[ $only == *" a "* ]] && run a benchmarks.generation_backends --model "$model" --prompts "${PROMPTS:-16}" --n 4 --tokens "${TOKENS:-64}" \
   --skip vllm --output "$out/generation_backends.json"
 [[ $only == *" c "* ]] && run c benchmarks.dpo_memory --model "$model" --steps "${STEPS:-8}" --count 32 --output "$out/dpo_memory.json"
 [[ $only == *" d "* ]] && run d benchmarks.sft_speed --model "$model" --epochs "${EPOCHS:-4}" --only "trl head;+ no activation checkpointing;+ packing" \
   --output "$out/sft_speed.json"
+# The same (a) and (d) rows with attention kept off cuDNN (per-shape plans), to compare with the rows above.
+[[ $only == *" cudnn "* ]] && run a-no-cudnn benchmarks.generation_backends --model "$model" --prompts "${PROMPTS:-16}" --n 4 \
+  --tokens "${TOKENS:-64}" --skip naive,vllm --no-cudnn-attention --output "$out/generation_backends_no_cudnn.json"
+[[ $only == *" cudnn "* ]] && run d-no-cudnn benchmarks.sft_speed --model "$model" --epochs "${EPOCHS:-4}" \
+  --only "trl head;+ no activation checkpointing" --no-cudnn-attention --output "$out/sft_speed_no_cudnn.json"
 exit 0

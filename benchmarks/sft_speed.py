@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (COMPUTE_DTYPE, cpu_times, device_name, matmul_gflops, mfu, parameters, peak_cuda_gib, peak_rss_gib,
-                               report, synchronize)
+                               report, synchronize, without_cudnn_attention)
 
 ROWS = {
     "trl head": {"labels_only": False, "keep_freed_memory": False, "gradient_checkpointing": True},
@@ -51,6 +51,8 @@ def child(name: str, args) -> dict:
     from selfreward.stages.sft import run_sft
     from selfreward.templates import load_template
 
+    if args.no_cudnn_attention:
+        without_cudnn_attention()
     recipe = load_recipe(Path(args.recipe))
     settings = ROWS[name]
     if settings["keep_freed_memory"]:
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/demo-cpu.yaml", help="whose data and sft sections to use")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--only", default="", help="rows to run, separated by ';'")
+    parser.add_argument("--no-cudnn-attention", action="store_true", help="keep attention off cuDNN (a GPU experiment)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/sft_speed.json"))
     args = parser.parse_args()
@@ -113,7 +116,7 @@ def main() -> None:
     rows = []
     for name in names:
         command = [sys.executable, "-m", "benchmarks.sft_speed", "--child", name, "--model", args.model, "--recipe", args.recipe,
-                   "--epochs", str(args.epochs)]
+                   "--epochs", str(args.epochs)] + ["--no-cudnn-attention"] * args.no_cudnn_attention
         completed = subprocess.run(command, check=True, capture_output=True, text=True)
         rows.append(json.loads(completed.stdout.strip().splitlines()[-1]))
     for row in rows:
@@ -124,7 +127,8 @@ def main() -> None:
     losses = {row["row"]: row.pop("losses") for row in rows}
     report("(d) SFT: tokens per second before and after the LM-head change", rows, args.output, {
         "model": args.model, "recipe": args.recipe, "epochs": args.epochs, "parameters": params,
-        "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE, "device": device_name(), "losses": losses, "command": " ".join(sys.argv),
+        "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE, "device": device_name(), "cudnn_attention": not args.no_cudnn_attention,
+        "losses": losses, "command": " ".join(sys.argv),
     })
 
 
