@@ -8,7 +8,7 @@
 # There, from the repository root, with .gpu (and .whl, if any) beside it:
 #   bash benchmarks/gpu.sh [OUTPUT_FOLDER]          # default: $OUT, else benchmarks/results/gpu
 # Each benchmark runs under its own time limit (LIMIT seconds, default 200), so that one that fails or
-# hangs leaves the others' results; its log and JSON go to the output folder. ONLY="a d" runs only those
+# hangs leaves the others' results; its log and JSON go to the output folder; the exit code is 1 if any failed. ONLY="a d" runs only those
 # (parts: tests, the GPU tests of the sampler; a, c, d, the benchmarks; cudnn, (a) and (d) without cuDNN attention).
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results/gpu}}
@@ -23,14 +23,17 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null | tee "$out/machine.txt"
 "$python" -c 'import torch, transformers, trl, peft, datasets, accelerate; print({m.__name__: m.__version__ for m in (torch, transformers, trl, peft, datasets, accelerate)})' | tee -a "$out/machine.txt" || exit 1
 model=${MODEL:-/tmp/gemma3-270m-random}
-[ -f "$model/config.json" ] || "$python" -m benchmarks.random_checkpoint build .gpu/gemma3-270m "$model" >/dev/null || exit 1
+[ -f "$model/model.safetensors" ] || "$python" -m benchmarks.random_checkpoint build .gpu/gemma3-270m "$model" >/dev/null || exit 1
 
 run() {  # NAME MODULE ARGS...: the log in full to the output folder, its end here
   local name=$1; shift
   echo "== $name: $*"
   timeout "${LIMIT:-200}" "$python" -m "$@" > "$out/$name.log" 2>&1
-  echo "   exit $?"; grep -v '%|' "$out/$name.log" | tail -n "${TAIL:-14}"
+  local rc=$?
+  echo "   exit $rc"; grep -v '%|' "$out/$name.log" | tail -n "${TAIL:-14}"
+  [ "$rc" = 0 ] || failed="$failed $name"
 }
+failed=""
 only=" ${ONLY:-tests a c d cudnn} "  # which of the parts below to run
 [[ $only == *" tests "* ]] && TAIL=3 run tests pytest -q -p no:cacheprovider tests/test_decoding.py -k gpu
 [[ $only == *" a "* ]] && run a benchmarks.generation_backends --model "$model" --prompts "${PROMPTS:-16}" --n 4 --tokens "${TOKENS:-64}" \
@@ -43,4 +46,4 @@ only=" ${ONLY:-tests a c d cudnn} "  # which of the parts below to run
   --tokens "${TOKENS:-64}" --skip naive,vllm --no-cudnn-attention --output "$out/generation_backends_no_cudnn.json"
 [[ $only == *" cudnn "* ]] && run d-no-cudnn benchmarks.sft_speed --model "$model" --epochs "${EPOCHS:-4}" \
   --only "trl head;+ no activation checkpointing" --no-cudnn-attention --output "$out/sft_speed_no_cudnn.json"
-exit 0
+[ -z "$failed" ] || { echo "failed:$failed"; exit 1; }

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (COMPUTE_DTYPE, cpu_times, device_name, matmul_gflops, mfu, parameters, peak_cuda_gib, peak_rss_gib,
+from benchmarks.common import (COMPUTE_DTYPE, DEVICE, cpu_times, device_name, matmul_gflops, mfu, parameters, peak_cuda_gib, peak_rss_gib,
                                report, synchronize, without_cudnn_attention)
 
 ROWS = {
@@ -127,7 +127,7 @@ def main() -> None:
     losses = {row["row"]: row.pop("losses") for row in rows}
     report("(d) SFT: tokens per second before and after the LM-head change", rows, args.output, {
         "model": args.model, "recipe": args.recipe, "epochs": args.epochs, "parameters": params,
-        "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE, "device": device_name(), "cudnn_attention": not args.no_cudnn_attention,
+        "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE, "device": device_name(), "cudnn_attention": None if DEVICE != "cuda" else not args.no_cudnn_attention,
         "losses": losses, "command": " ".join(sys.argv),
     })
 

@@ -58,7 +58,8 @@ def log_normaliser(logits: torch.Tensor, temperature: float, row_max: torch.Tens
 
     Computed over column chunks in one reused float32 buffer (the subtraction of the row maximum is also the
     cast): the temporaries stay in cache instead of several full (rows, vocab) float32 tensors, whose memory
-    traffic is most of a decoding step's sampling cost with a 262k vocabulary.
+    traffic is most of a decoding step's sampling cost with a 262k vocabulary. On a GPU, one `logsumexp`
+    (memory traffic is cheap there; launches are not).
     """
     if logits.device.type != "cpu":  # a GPU reads memory fast enough; one kernel beats 4 launches per chunk
         return torch.logsumexp(logits.float() / temperature, dim=-1, keepdim=True)
