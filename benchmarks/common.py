@@ -60,13 +60,16 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def without_cudnn_attention() -> None:
-    """Keep PyTorch's attention off cuDNN for this process (flash, memory-efficient or math kernels instead):
-    an experiment for GPUs, where cuDNN builds an execution plan per new shape, and decoding (one key more
-    per step) and padded training batches bring a new shape at almost every call."""
+def cudnn_attention(allowed: bool) -> bool | None:
+    """Keep PyTorch's attention off cuDNN for this process unless `allowed` (flash, memory-efficient or math
+    kernels instead): an experiment for GPUs, where cuDNN builds an execution plan per new shape, and
+    decoding (one key more per step) and padded training batches bring a new shape at almost every call.
+    Returns what a result records: whether cuDNN attention was allowed, None off CUDA."""
     import torch
 
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    if not allowed:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return allowed if DEVICE == "cuda" else None
 
 
 def peak_cuda_gib() -> float | None:

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import COMPUTE_DTYPE, DEVICE, device_name, matmul_gflops, mfu, parameters, report, without_cudnn_attention
+from benchmarks.common import COMPUTE_DTYPE, DEVICE, cudnn_attention, device_name, matmul_gflops, mfu, parameters, report
 from selfreward.allocator import keep_freed_memory
 from selfreward.backends import Sampling, open_backend, vllm_available
 from selfreward.models import resolve_model
@@ -99,8 +99,7 @@ def main() -> None:
     parser.add_argument("--no-cudnn-attention", action="store_true", help="keep attention off cuDNN (a GPU experiment)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/generation_backends.json"))
     args = parser.parse_args()
-    if args.no_cudnn_attention:
-        without_cudnn_attention()
+    cudnn = cudnn_attention(not args.no_cudnn_attention)
     if sys.platform == "linux" and os.cpu_count():
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
     model = resolve_model(args.model)
@@ -121,8 +120,8 @@ def main() -> None:
         row["mfu"] = mfu(row["tok_per_s"], 2 * params, gflops)
     report("(a) generation: generated tokens per second, same prompts, model and sampling", rows, args.output, {
         "model": args.model, "parameters": params, "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE,
-        "device": device_name(), "prompts": args.prompts,
-        "n": args.n, "max_new_tokens": args.tokens, "cudnn_attention": None if DEVICE != "cuda" else not args.no_cudnn_attention, "temperature": 0.7, "top_p": 0.9, "command": " ".join(sys.argv),
+        "device": device_name(), "cudnn_attention": cudnn, "prompts": args.prompts, "n": args.n, "max_new_tokens": args.tokens,
+        "temperature": 0.7, "top_p": 0.9, "command": " ".join(sys.argv),
     })
 
 

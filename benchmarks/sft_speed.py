@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (COMPUTE_DTYPE, DEVICE, cpu_times, device_name, matmul_gflops, mfu, parameters, peak_cuda_gib, peak_rss_gib,
-                               report, synchronize, without_cudnn_attention)
+from benchmarks.common import (COMPUTE_DTYPE, cpu_times, cudnn_attention, device_name, matmul_gflops, mfu, parameters, peak_cuda_gib,
+                               peak_rss_gib, report, synchronize)
 
 ROWS = {
     "trl head": {"labels_only": False, "keep_freed_memory": False, "gradient_checkpointing": True},
@@ -51,8 +51,7 @@ def child(name: str, args) -> dict:
     from selfreward.stages.sft import run_sft
     from selfreward.templates import load_template
 
-    if args.no_cudnn_attention:
-        without_cudnn_attention()
+    cudnn_attention(not args.no_cudnn_attention)
     recipe = load_recipe(Path(args.recipe))
     settings = ROWS[name]
     if settings["keep_freed_memory"]:
@@ -127,7 +126,7 @@ def main() -> None:
     losses = {row["row"]: row.pop("losses") for row in rows}
     report("(d) SFT: tokens per second before and after the LM-head change", rows, args.output, {
         "model": args.model, "recipe": args.recipe, "epochs": args.epochs, "parameters": params,
-        "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE, "device": device_name(), "cudnn_attention": None if DEVICE != "cuda" else not args.no_cudnn_attention,
+        "matmul_gflops": round(gflops, 1), "dtype": COMPUTE_DTYPE, "device": device_name(), "cudnn_attention": cudnn_attention(not args.no_cudnn_attention),
         "losses": losses, "command": " ".join(sys.argv),
     })
 

@@ -26,6 +26,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+
 def _top_p_in_range(value: float) -> float:
     """--top-p: top-p keeps the smallest set of tokens holding this much probability, so 0 would keep none."""
     if not 0.0 < value <= 1.0:

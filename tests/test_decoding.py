@@ -517,7 +517,7 @@ def test_rows_joining_late_do_not_carry_the_padding_of_rows_that_left(tiny_model
     stop_ids, seeds = set(range(100, 130)), list(range(12))
     with torch.inference_mode():
         joined = sample(recording, prompts, 1, 1.0, 1.0, 10, stop_ids, lambda t: False, seeds, tokenizer.pad_token_id, max_rows=2)
-        alone = [sample(model, [p], 1, 1.0, 1.0, 10, stop_ids, lambda t: False, [seed]) [0] for p, seed in zip(prompts, seeds)]
+        alone = [sample(model, [p], 1, 1.0, 1.0, 10, stop_ids, lambda t: False, [seed])[0] for p, seed in zip(prompts, seeds)]
     assert joined == alone
     assert len(recording.widths) > 30  # many steps and joins
     assert max(recording.widths) <= max(map(len, prompts)) + 2 * 10
