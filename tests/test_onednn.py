@@ -93,3 +93,17 @@ def test_fused_mlp_skips_layers_whose_mlp_computes_something_else():
         assert use_onednn(model).mlps == 1  # only the third layer is the plain gated MLP
         torch.testing.assert_close(model(input_ids=INPUT).logits, plain, rtol=1e-5, atol=1e-5)
     assert "forward" not in vars(model.model.layers[0].mlp) and "forward" not in vars(model.model.layers[1].mlp)
+
+
+@pytest.mark.parametrize("kind", ["gemma", "llama"])
+def test_fused_mlp_in_fp32_gives_the_mlps_own_output_bit_for_bit(kind):
+    """In fp32 the activation runs after the gate product (oneDNN's activation post-ops are the slow part of
+    it there), so only the multiplication by `up` is fused, which rounds as the eager product does."""
+    model = tiny(kind, torch.float32)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, 50, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        own = mlp(x)
+        assert use_onednn(model).mlps == 3
+        assert "forward" in vars(mlp)
+        assert torch.equal(mlp(x), own)

@@ -1,6 +1,6 @@
 """A CPU model's decoder layers on oneDNN, the library behind PyTorch's CPU matrix products, called the way
 PyTorch's own compiler calls it for inference (`torch.ops.mkldnn`): weights packed once, and the gated MLP's
-activation and product fused into its products.
+product (in bf16 also its activation) fused into its products.
 
 - **Packed weights.** `F.linear` in bf16 hands oneDNN the weight in PyTorch's row-major layout, and oneDNN
   reorders it into its blocked layout on every call. Reordered once, at load time, a 640 -> 4096 product took
@@ -9,10 +9,16 @@ activation and product fused into its products.
   judging ran 0.89x the time in an in-process A/B (4 alternating rounds, same scores).
 - **The gated MLP** (`down(act(gate(x)) * up(x))`: Gemma, Llama, Qwen, Mistral) is three products and two
   elementwise passes over the (tokens, intermediate) activations in eager PyTorch, and its tanh-GELU runs at
-  ~1.2 ns an element in bf16 here. oneDNN applies the activation to the gate product's fp32 accumulators
-  and multiplies by `up` inside the second product. The function is the same; the roundings differ (the
-  activation reads the fp32 accumulator, not a bf16 copy), if anything towards fp32: on random 4 x 300
+  ~1.2 ns an element in bf16 here. oneDNN multiplies by `up` inside the second product, and in bf16 applies
+  the activation to the gate product's fp32 accumulators. The function is the same; the roundings differ
+  (the activation reads the fp32 accumulator, not a bf16 copy), if anything towards fp32: on random 4 x 300
   tokens at the 270M model's sizes the mean relative error to fp32 was 0.47 % against eager bf16's 0.53 %.
+  In fp32 (the format of CPUs without a bf16 path) oneDNN's activation post-ops are slow: on the 2-core
+  AVX2-only EPYC (Dec 4) a 1,968 x 640 -> 2,048 gate product took 54 ms with tanh-GELU inside, 32 ms
+  without, and 39 ms followed by PyTorch's in-place GELU (SiLU: 47 vs 34 ms; 600 rows: 16 vs 12 ms; 64
+  rows: 1.8 vs 1.4 ms), while the `up` product with the multiplication inside cost what it costs without.
+  So in fp32 the activation runs in place after the gate product, and the MLP gives its own forward's
+  output bit for bit.
 
 - **The LM head** is packed the same way: a decoding step's head reads the whole vocabulary's weight for a
   few dozen rows. On the 2-core Zen 5 CPU (Dec 4), a 640 -> 262,144 product took 7.2 instead of 10.8 ms
@@ -30,13 +36,24 @@ products.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-# oneDNN's name and algorithm for each activation class that transformers' MLPs use.
-_POST_OPS = {"GELUTanh": ("gelu", "tanh"), "SiLUActivation": ("swish", ""), "SiLU": ("swish", "")}
+
+class Activation(NamedTuple):
+    post_op: str  # oneDNN's name and algorithm for it, applied inside the gate product (bf16)
+    algorithm: str
+    in_place: Callable[[torch.Tensor], torch.Tensor]  # PyTorch's, after the product (fp32)
+
+
+# Each activation class that transformers' gated MLPs use.
+_GELU_TANH = Activation("gelu", "tanh", lambda x: torch.ops.aten.gelu_(x, approximate="tanh"))
+_SILU = Activation("swish", "", lambda x: F.silu(x, inplace=True))
+_ACTIVATIONS = {"GELUTanh": _GELU_TANH, "SiLUActivation": _SILU, "SiLU": _SILU}
 # The rows a packed layout is chosen for (a judging pass has ~100-1,000; decoding 1-64 gains most anyway).
 _PACKED_FOR_ROWS = 512
 # How far the fused MLP may be from the layer's own forward on a random input, relative to the output's
@@ -46,7 +63,7 @@ _AGREEMENT = 0.05
 
 class OneDnnLayers(NamedTuple):
     linears: int  # products on packed weights
-    mlps: int  # MLPs with the activation and the product fused in
+    mlps: int  # MLPs with the product (in bf16 also the activation) fused in
 
 
 def packed_linear_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -57,13 +74,16 @@ def packed_linear_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))` with the activation and the product
-    inside the products."""
+    """`mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))` with the product (and in bf16 the
+    activation) inside the products."""
     if torch.is_grad_enabled():
         return type(mlp).forward(mlp, x)
     linear = torch.ops.mkldnn._linear_pointwise
-    attr, algorithm = _POST_OPS[type(mlp.act_fn).__name__]
-    gated = linear(x, mlp.gate_proj.packed_weight, None, attr, [], algorithm)
+    activation = _ACTIVATIONS[type(mlp.act_fn).__name__]
+    if x.dtype == torch.bfloat16:
+        gated = linear(x, mlp.gate_proj.packed_weight, None, activation.post_op, [], activation.algorithm)
+    else:  # fp32: oneDNN's activation post-ops are slower than PyTorch's in-place pass (module docstring)
+        gated = activation.in_place(linear(x, mlp.gate_proj.packed_weight, None, "none", [], ""))
     return mlp.down_proj(linear.binary(x, gated, mlp.up_proj.packed_weight, None, "mul"))
 
 
@@ -75,7 +95,7 @@ def _packable(module: nn.Module) -> bool:
 def _fusable(mlp: nn.Module) -> bool:
     parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     return (all(hasattr(part, "packed_weight") and part.bias is None for part in parts)
-            and type(getattr(mlp, "act_fn", None)).__name__ in _POST_OPS)
+            and type(getattr(mlp, "act_fn", None)).__name__ in _ACTIVATIONS)
 
 
 def _agrees(mlp: nn.Module) -> bool:
