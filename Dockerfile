@@ -25,10 +25,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
 RUN useradd --create-home --uid 1000 selfreward && mkdir -p /data && chown selfreward /data
 WORKDIR /opt/selfreward
 COPY --from=source /src ./
-# The project itself, with the ranges of pyproject.toml resolved as the README's install resolves them.
+# The project itself, at the releases CI tests (the constraints file), as the README's install does.
 # hadolint ignore=DL3013
 RUN python3 -m venv /opt/venv \
-    && pip install --extra-index-url "${TORCH_INDEX}" torch==2.13.0 '.[embedded]'
+    && pip install -c selfreward/engine/constraints.txt --extra-index-url "${TORCH_INDEX}" torch==2.13.0 '.[embedded]'
 USER 1000
 VOLUME ["/data"]
 ENTRYPOINT ["selfreward"]

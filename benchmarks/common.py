@@ -18,7 +18,6 @@ from pathlib import Path
 
 from selfreward.precision import default_device, inference_dtype
 
-
 # Where the pipeline computes here (a GPU if torch sees one) and what `backend.dtype: auto` loads models in
 # there; benchmarks load in it too and measure its matmul rate on that device.
 DEVICE = default_device()

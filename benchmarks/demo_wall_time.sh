@@ -12,7 +12,7 @@ run() {  # name commit
   local dir=/tmp/demo-wall-$1 cache=/tmp/demo-wall-$1-cache
   rm -rf "$dir" "$cache" && git clone -q "$repo" "$dir" && mkdir "$cache" && cd "$dir" && git checkout -q "$2" || exit 2
   local cmd
-  cmd=$(grep -m1 "^    python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 -e '.\[embedded\]'" README.md | sed 's/^    //')
+  cmd=$(grep -m1 "^    python3 -m venv .venv && .venv/bin/pip install -q .*torch==2.13.0 -e '.\[embedded\]'" README.md | sed 's/^    //')
   echo "[$1 $(git log --oneline -1 | cut -c1-60)] $cmd"
   local start=$SECONDS
   SELFREWARD_CACHE=$cache bash -c "$cmd" > "/tmp/demo-wall-$1.log" 2>&1

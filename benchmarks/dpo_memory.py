@@ -55,7 +55,7 @@ GRADIENT_ACCUMULATION_STEPS = 1
 def synthetic_pairs(count: int) -> list[dict]:
     """Deterministic pairs from the repo's IFT data: chosen = the instruction's own response, rejected = the
     response to another instruction without its last sentence (off topic and a little shorter)."""
-    from selfreward.jsonl import read_jsonl
+    from selfreward.run.jsonl import read_jsonl
 
     records = read_jsonl(IFT, {"instruction": str, "response": str})
     pairs = []
@@ -74,7 +74,7 @@ def synthetic_pairs(count: int) -> list[dict]:
 def load_pairs(path: str | None, count: int) -> list[dict]:
     if path is None:
         return synthetic_pairs(count)
-    from selfreward.jsonl import read_jsonl
+    from selfreward.run.jsonl import read_jsonl
     from selfreward.stages.dpo import PAIR_FIELDS
 
     return [{key: pair[key] for key in PAIR_FIELDS} for pair in read_jsonl(path, PAIR_FIELDS)[:count]]
@@ -133,14 +133,14 @@ def step_timer():
 
 def train_trl_default(args, timer, work: Path) -> dict:
     """DPOTrainer with DPOConfig's defaults and a separate reference model: TRL as shipped (no
-    selfreward.completion_head)."""
+    selfreward.train.completion_head)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from selfreward.jsonl import read_jsonl
     from selfreward.models import load_tokenizer
+    from selfreward.run.jsonl import read_jsonl
     from selfreward.stages.dpo import PAIR_FIELDS
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from statistics import median
 from pathlib import Path
+from statistics import median
 
 from scipy.stats import spearmanr
 
 from benchmarks.common import COMPUTE_DTYPE, matmul_gflops, mfu, parameters, report
 from selfreward.backends import Sampling, open_backend
-from selfreward.backends.decoding import planned_tokens, prefix_plan
-from selfreward.backends.transformers import PREFIX_GROUP_OVERHEAD_TOKENS
-from selfreward.evaluation import load_ranked
+from selfreward.data.preferences import load_ranked
+from selfreward.engine.prefill import PREFIX_GROUP_OVERHEAD_TOKENS, planned_tokens, prefix_plan
 from selfreward.judge import SCORES, Judge, JudgeItem
 from selfreward.models import resolve_model
 from selfreward.recipe import BackendSection
@@ -87,9 +86,8 @@ def main() -> None:
     digit_ids = backend.single_token_ids(prompts[0], [str(s) for s in SCORES])
     expected.score(items[:2])  # warm-up
 
-    from transformers import AutoModelForCausalLM
-
     import torch
+    from transformers import AutoModelForCausalLM
 
     plain_model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, COMPUTE_DTYPE)).eval()
     # The two alternate, so that a slow spell of the machine (these vary by a quarter within minutes) falls

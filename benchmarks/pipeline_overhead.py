@@ -2,7 +2,7 @@
 
     python -m benchmarks.pipeline_overhead --model embedded:gemma3-270m
 
-Runs iteration 1's `prompts`, `generate` and `judge` stages once, each through `pipeline.run_stage` exactly
+Runs iteration 1's `prompts`, `generate` and `judge` stages once, each through `loop.run_stage` exactly
 as `selfreward iterate` does, with a recipe based on `recipes/demo-cpu.yaml` (the model under test as
 `model.base` and `prompts.model`; `sft.enabled: false`, so M1 is the base model and nothing is trained).
 SFT and DPO are training, not engine calls, and are left out.
@@ -35,13 +35,13 @@ from typing import Any
 import yaml
 
 from benchmarks.common import report
-from selfreward import pipeline
+from selfreward import loop
 from selfreward.backends import Backend, Completion, Sampling, open_backend
 from selfreward.errors import UserError
-from selfreward.jsonl import read_jsonl
 from selfreward.models import resolve_model
 from selfreward.recipe import Recipe, parse_recipe
-from selfreward.rundir import RunDir
+from selfreward.run.directory import RunDir
+from selfreward.run.jsonl import read_jsonl
 from selfreward.stages import BY_NAME, Stage
 from selfreward.stages.context import Models
 
@@ -186,9 +186,9 @@ def total_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_stages(recipe: Recipe, run_dir: RunDir) -> list[dict[str, Any]]:
-    """The engine-bound stages of iteration 1, set up the way `pipeline.run` sets up the loop."""
+    """The engine-bound stages of iteration 1, set up the way `loop.run` sets up the loop."""
     clock = Clock()
-    pipeline.warn_remote_code(recipe)
+    loop.warn_remote_code(recipe)
     run_dir.bind_recipe(recipe)
     rows = []
     with run_dir.hold("iterate"), Models(recipe, timed_opener(clock)) as models:
@@ -196,7 +196,7 @@ def run_stages(recipe: Recipe, run_dir: RunDir) -> list[dict[str, Any]]:
             stage = BY_NAME[name]
             clock.take()  # nothing before the stage counts toward it
             started = time.perf_counter()
-            pipeline.run_stage(stage, recipe, run_dir, ITERATION, models)
+            loop.run_stage(stage, recipe, run_dir, ITERATION, models)
             wall = time.perf_counter() - started
             rows.append(stage_row(name, wall, clock.take(), records_written(run_dir, stage)))
     return rows
@@ -228,7 +228,7 @@ def measure(args: argparse.Namespace) -> None:
     # Resolved before the run: converting the embedded model (first use only) must not count as a load.
     model_path = resolve_model(args.model)
     recipe = benchmark_recipe(args.recipe, model_path, args.prompts, args.settings)
-    pipeline.check_inputs(recipe, str(args.recipe))
+    loop.check_inputs(recipe, str(args.recipe))
     run_dir = fresh_run_dir(args.run_dir)
     rows = run_stages(recipe, run_dir)
     rows.append(total_row(rows))

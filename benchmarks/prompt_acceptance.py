@@ -21,9 +21,9 @@ from pathlib import Path
 from benchmarks.common import report
 from selfreward.allocator import keep_freed_memory
 from selfreward.backends import open_backend
+from selfreward.data.seeds import load_seeds
 from selfreward.models import resolve_model
 from selfreward.recipe import load_recipe
-from selfreward.seeds import load_seeds
 from selfreward.stages.prompts import run_prompts
 
 

@@ -4,7 +4,7 @@
 
 Rows, each in its own process on the same seed data, seed and settings (the demo recipe's SFT section):
 - `trl head`: TRL's fused LM head as shipped (on a CPU it projects every position, prompts included);
-- `labels-only head`: ours (`selfreward.completion_head`): only positions whose label counts are projected;
+- `labels-only head`: ours (`selfreward.train.completion_head`): only positions whose label counts are projected;
 - `+ allocator keeps freed memory`: and glibc keeps freed memory for reuse (`selfreward.allocator`, what
   every `selfreward` command does) instead of paging large tensors in again at every step;
 - `+ no activation checkpointing`: and no activation checkpointing (the demo recipe's
@@ -44,12 +44,12 @@ def child(name: str, args) -> dict:
     """Train once with the row's settings; return its measurements (run in a fresh process)."""
     from transformers import TrainerCallback
 
-    from selfreward import completion_head
     from selfreward.allocator import keep_freed_memory
+    from selfreward.data.seeds import load_seeds
+    from selfreward.judge import load_judge_template
     from selfreward.recipe import load_recipe
-    from selfreward.seeds import load_seeds
     from selfreward.stages.sft import run_sft
-    from selfreward.templates import load_template
+    from selfreward.train import completion_head
 
     cudnn_attention(not args.no_cudnn_attention)
     recipe = load_recipe(Path(args.recipe))
@@ -84,7 +84,7 @@ def child(name: str, args) -> dict:
     clock = Clock()
     head = completion_head.install if settings["labels_only"] else (lambda trainer: False)
     with tempfile.TemporaryDirectory() as folder:
-        result = run_sft(args.model, ift, eft, load_template(None, "judge.txt", ()), config, Path(folder) / "m1", recipe.seed,
+        result = run_sft(args.model, ift, eft, load_judge_template(), config, Path(folder) / "m1", recipe.seed,
                          callbacks=[clock], lm_head=head)
     seconds = clock.last - clock.first
     user, system = (b - a for a, b in zip(clock.cpu, clock.cpu_end))

@@ -2,10 +2,8 @@
 
 bfloat16 halves memory traffic and, where the hardware has bf16 arithmetic (GPUs from Ampere on; x86
 CPUs with AVX-512 or AMX; arm CPUs with the BF16 extension), runs matmuls 2-10x faster than float32. On
-a CPU without it (AVX2 only: most AMD EPYC/Ryzen before Zen 4, many laptops) PyTorch emulates bf16, and
-on a 2-core AVX2 EPYC a 2048^2 bf16 matmul ran at 0.9 GFLOP/s against 92 in float32; the 270M model read
-a 256-token prompt at 73 tok/s in bf16 against 340 in float32 (4.6x), and decoded 16 rows at 21 against
-35 tok/s (1.7x; /tmp scripts of Dec 2, the numbers in DEVELOPERS.md). So
+a CPU without it (AVX2 only: most AMD EPYC/Ryzen before Zen 4, many laptops) PyTorch emulates bf16, many
+times slower than float32 (benchmarks/RESULTS.md, AVX2-only EPYC). So
 `auto`, the default, is decided per machine, from what the CPU or GPU reports (not by timing, so every
 process of a run decides the same way).
 """

@@ -12,8 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from selfreward.data.limits import MAX_INSTRUCTION_CHARS, MAX_RESPONSE_CHARS
 from selfreward.errors import UserError
-from selfreward.limits import MAX_INSTRUCTION_CHARS, MAX_RESPONSE_CHARS
 
 
 class Section(BaseModel):
@@ -62,6 +62,11 @@ class BackendSection(Section):
     # Data parallel on one node: this many engine replicas (processes, each with its own GPUs when there
     # are GPUs: vllm.tensor_parallel_size of them), each generating or judging one shard of the stage.
     data_parallel_size: int = Field(1, ge=1)
+    # The CPU inference engine (selfreward/engine): `auto` uses it where it was tested (a CPU, the torch and
+    # transformers releases CI installs, a tested architecture) and plain transformers elsewhere, saying why
+    # in the log; `on` refuses to run where it is not supported; `off` always runs plain transformers (and
+    # vLLM's own top-p on a CPU). The done records of the generating stages say which path ran.
+    cpu_engine: Literal["auto", "on", "off"] = "auto"
     vllm: VllmSection = VllmSection()
 
 
@@ -85,6 +90,10 @@ class TrainSection(Section):
     # auto: bf16 autocast where the hardware computes bf16 natively, fp32 elsewhere (see backend.dtype).
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = True
+    # Where the trainer's per-step records go besides the run directory's sft_log.jsonl / iter{t}/dpo_log.jsonl:
+    # transformers integrations such as [tensorboard] or [wandb] (installed separately; W&B reads its key
+    # from the environment).
+    report_to: list[str] = []
     # A resumable trainer checkpoint (model, optimizer, scheduler, RNG) is saved every `save_steps` optimizer
     # steps and every `save_minutes` minutes, whichever comes first (None turns one off); only the last is
     # kept, a rerun resumes from it, and it is deleted once the trained model is saved.

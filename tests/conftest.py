@@ -67,6 +67,7 @@ class ScriptedJudge(Backend):
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.tokenizer = inner.tokenizer
+        self.path = inner.path
         self.chunk_prompts = 8
         self.judge_calls = 0
 

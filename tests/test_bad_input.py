@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from selfreward.cli import app
-from selfreward.rundir import RunDir
+from selfreward.run.directory import RunDir
 from tests.conftest import ROOT
 
 SEEDS = f"data:\n  ift: {ROOT / 'data' / 'ift.jsonl'}\n  eft: {ROOT / 'data' / 'eft.jsonl'}\n"

@@ -5,10 +5,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-
 from selfreward.backends import open_backend
-from selfreward.jsonl import read_jsonl
 from selfreward.recipe import BackendSection
+from selfreward.run.jsonl import read_jsonl
 from tests.conftest import ScriptedJudge
 
 
@@ -39,7 +38,6 @@ def write_items(path, count):
 
 
 def test_judge_file_mode_scores_every_item_and_resumes_by_id(tmp_path, opened):
-    from selfreward.cli import app
 
     items, out = tmp_path / "items.jsonl", tmp_path / "scored.jsonl"
     write_items(items, 5)
@@ -64,7 +62,6 @@ def test_judge_file_mode_scores_every_item_and_resumes_by_id(tmp_path, opened):
     ],
 )
 def test_bad_input_fails_before_any_model_is_loaded(tmp_path, opened, content, message):
-    from selfreward.cli import app
 
     items = tmp_path / "items.jsonl"
     items.write_text(content)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfreward import completion_head
+from selfreward.train import completion_head
 
 
 def outputs_and_grads(model, batch, labels):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from selfreward.backends.base import Sampling
-from selfreward.backends.decoding import nucleus, row_uniforms, sample, sample_tokens, top_candidates
+from selfreward.engine.decoding import sample
+from selfreward.engine.top_p import nucleus, row_uniforms, sample_tokens, top_candidates
 from selfreward.recipe import BackendSection
 
 
@@ -106,7 +107,7 @@ def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_ca
     cache that put a row's positions anywhere but at the right end of its row samples other tokens. With a
     start all prompts share (a rubric; then also rows of one pass sharing an instruction after it), that
     start is computed once and the rest of each prompt read right-padded after it."""
-    from selfreward.backends.attention import use_grouped_attention
+    from selfreward.engine.attention import use_grouped_attention
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     if grouped:  # batched prompts and decoding steps through grouped attention; the reference's unpadded rows use sdpa
@@ -130,8 +131,8 @@ def test_batched_shared_prefix_sampling_equals_one_sequence_at_a_time_without_ca
 def test_greedy_generation_equals_transformers_generate(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from selfreward.backends.attention import GROUPED_ATTENTION
     from selfreward.backends.transformers import TransformersBackend
+    from selfreward.engine.attention import GROUPED_ATTENTION
 
     backend = TransformersBackend(tiny_model, BackendSection(kind="transformers", dtype="float32", batch_size=8))
     assert backend.model.config._attn_implementation == GROUPED_ATTENTION  # 4 query heads on 2 key/value heads
@@ -200,7 +201,7 @@ def test_grouped_attention_equals_sdpa_attention(heads, kv_heads, queries, paddi
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from selfreward.backends.attention import grouped_attention
+    from selfreward.engine.attention import grouped_attention
 
     query, key, value, mask = attention_inputs(heads, kv_heads, queries, padding, seed=heads * 10 + kv_heads)
     if padding is None and queries == 1:
@@ -221,7 +222,7 @@ def test_grouped_attention_in_bf16_is_fp32_attention_up_to_bf16_rounding(scaling
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from selfreward.backends.attention import grouped_attention
+    from selfreward.engine.attention import grouped_attention
 
     query, key, value, mask = (t.bfloat16() if t.is_floating_point() else t for t in attention_inputs(4, 1, 7, "right"))
     module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
@@ -233,7 +234,7 @@ def test_grouped_attention_in_bf16_is_fp32_attention_up_to_bf16_rounding(scaling
 
 @pytest.mark.parametrize("scores_per_slice,query_block", [(1, 128), (4 * 7 * 11, 128), (3 * 4 * 7 * 11 - 1, 128), (1 << 30, 3), (4 * 3 * 11, 2)])
 def test_sliced_attention_is_the_same_in_slices_of_queries_or_of_rows(scores_per_slice, query_block):
-    from selfreward.backends.attention import sliced_attention
+    from selfreward.engine.attention import sliced_attention
 
     query, key, value, mask = attention_inputs(4, 1, 7, "right")
     whole = sliced_attention(query, key, value, mask, 0.3, scores_per_slice=1 << 30)
@@ -250,7 +251,7 @@ def test_grouped_attention_with_a_sliding_window_equals_sdpa_and_reads_no_key_be
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from selfreward.backends.attention import grouped_attention
+    from selfreward.engine.attention import grouped_attention
 
     cached, window = 10, 4
     query, key, value, mask = attention_inputs(4, 1, 12, "right", seed=1, cached=cached, window=window if windowed_mask else None)
@@ -310,7 +311,7 @@ LONG_INSTRUCTION = [RUBRIC + "Plan a three day walking tour of Lisbon for two re
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_last_token_hidden_through_the_head_equals_a_plain_forward_pass_of_each_prompt(tiny_model, tmp_path, shared):
-    from selfreward.backends.decoding import head_logits, last_token_hidden
+    from selfreward.engine.prefill import head_logits, last_token_hidden
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     rows = [tokenizer((RUBRIC if shared else "") + p + " Score:")["input_ids"] for p in PROMPTS]
@@ -321,7 +322,7 @@ def test_last_token_hidden_through_the_head_equals_a_plain_forward_pass_of_each_
 
 
 def test_last_layer_only_at_gives_the_kept_positions_their_full_pass_output_and_computes_no_other(tiny_model, tmp_path):
-    from selfreward.backends.decoding import last_layer_only_at
+    from selfreward.engine.prefill import last_layer_only_at
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     input_ids = torch.tensor([tokenizer(p)["input_ids"][:8] for p in (PROMPTS[0], PROMPTS[2])])
@@ -341,7 +342,7 @@ def test_last_layer_only_at_gives_the_kept_positions_their_full_pass_output_and_
 def test_last_token_hidden_from_a_call_wide_prefix_through_the_head_equals_a_plain_forward_pass(tiny_model, tmp_path):
     """A prefix computed once for all rows, then batches of them: one whose rows share more than it (the
     instruction, computed once more for the batch), one whose rows share only it, and a single row."""
-    from selfreward.backends.decoding import extended_prefix, head_logits, last_token_hidden, shared_prefix_length
+    from selfreward.engine.prefill import extended_prefix, head_logits, last_token_hidden, shared_prefix_length
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     rows = [tokenizer(text + " Score:")["input_ids"] for text in SAME_INSTRUCTION + [RUBRIC + p for p in PROMPTS]]
@@ -356,7 +357,7 @@ def test_last_token_hidden_from_a_call_wide_prefix_through_the_head_equals_a_pla
 
 
 def test_last_token_hidden_computes_a_lone_row_in_one_pass_and_rows_sharing_more_than_the_prefix_in_two(tiny_model, tmp_path):
-    from selfreward.backends.decoding import extended_prefix, head_logits, last_token_hidden, prefix_plan
+    from selfreward.engine.prefill import extended_prefix, head_logits, last_token_hidden, prefix_plan
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     rows = [tokenizer(text + " Score:")["input_ids"] for text in SAME_INSTRUCTION]
@@ -376,7 +377,7 @@ def test_last_token_hidden_computes_a_lone_row_in_one_pass_and_rows_sharing_more
 
 
 def test_prefix_groups_keep_the_instructions_whose_shared_tokens_outweigh_a_group_of_their_own():
-    from selfreward.backends.decoding import MIN_SHARED_PREFIX, planned_tokens, prefix_groups
+    from selfreward.engine.prefill import MIN_SHARED_PREFIX, planned_tokens, prefix_groups
 
     rubric, long, short = list(range(100, 110)), list(range(200, 240)), list(range(300, 300 + MIN_SHARED_PREFIX - 1))
     rows = [rubric + long + [1], rubric + [7, 8], rubric + long + [2, 3], rubric + short + [4],
@@ -392,8 +393,8 @@ def test_prefix_groups_keep_the_instructions_whose_shared_tokens_outweigh_a_grou
 
 
 def test_next_token_probs_do_not_depend_on_how_prompts_are_batched(tiny_model, tmp_path):
-    from selfreward.backends.decoding import prefix_plan
-    from selfreward.backends.transformers import PREFIX_GROUP_OVERHEAD_TOKENS, TransformersBackend
+    from selfreward.backends.transformers import TransformersBackend
+    from selfreward.engine.prefill import PREFIX_GROUP_OVERHEAD_TOKENS, prefix_plan
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)
     with_rubric = SAME_INSTRUCTION + LONG_INSTRUCTION + [RUBRIC + p for p in PROMPTS]  # a call whose rows share the rubric
@@ -418,7 +419,7 @@ def test_padded_batches_choose_the_cheapest_cuts_within_both_limits():
     import itertools
     import random
 
-    from selfreward.backends.decoding import padded_batches
+    from selfreward.engine.prefill import padded_batches
 
     def cost(batches, lengths, overhead):
         return sum(len(b) * max(lengths[i] for i in b) + overhead for b in batches)
@@ -451,7 +452,7 @@ def test_padded_batches_choose_the_cheapest_cuts_within_both_limits():
 def test_reserved_cache_gives_the_logits_of_dynamic_cache_through_row_drops_moves_and_the_sliding_window(tiny_model, tmp_path):
     from transformers import DynamicCache
 
-    from selfreward.backends.kv_cache import reserved_cache
+    from selfreward.engine.kv_cache import reserved_cache
 
     model, tokenizer = tiny_gemma(tiny_model, tmp_path)  # sliding window 6, prompts longer than it
     tokenizer.padding_side = "left"
@@ -482,7 +483,7 @@ def test_reserved_cache_gives_the_logits_of_dynamic_cache_through_row_drops_move
 
 
 def test_packed_order_moves_only_the_kept_rows_beyond_the_packed_slots():
-    from selfreward.backends.decoding import packed_order
+    from selfreward.engine.decoding import packed_order
 
     assert packed_order([0, 2, 3, 5]) == [0, 5, 2, 3]  # slot 1 freed: the kept slot 5 moves in, the rest stay
     assert packed_order([0, 1, 2]) == [0, 1, 2]  # the last rows finished: nothing moves

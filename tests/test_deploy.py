@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -18,7 +17,7 @@ from selfreward.cli import app
 from tests.conftest import ROOT
 from tests.test_pipeline import tiny_recipe
 
-K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+K8S = sorted((ROOT / "selfreward" / "deploy" / "k8s").glob("*.yaml"))
 KUBERNETES = "1.30.0"
 
 
@@ -100,8 +99,13 @@ def test_every_command_the_slurm_jobs_run_exists_with_its_flags(tiny_model, tmp_
 def pip_requirements(command: str) -> list[str]:
     """The requirements of the `pip install` in a shell command line (options and their values left out)."""
     words = shlex.split(command.split("pip install", 1)[1].split("&&")[0])
-    return sorted(w for w in words if not w.startswith("-") and not w.startswith("$") and "://" not in w
-                  and not w.startswith('"'))
+    values = {i + 1 for i, w in enumerate(words) if w in ("-c", "--constraint", "--extra-index-url", "--index-url")}
+    return sorted(w for i, w in enumerate(words) if not w.startswith("-") and i not in values)
+
+
+def pip_constraints(command: str) -> list[str]:
+    words = shlex.split(command.split("pip install", 1)[1].split("&&")[0])
+    return [words[i + 1] for i, w in enumerate(words) if w in ("-c", "--constraint")]
 
 
 def test_the_cpu_image_installs_what_the_readme_demo_installs():
@@ -111,3 +115,4 @@ def test_the_cpu_image_installs_what_the_readme_demo_installs():
     cpu = dockerfile.split("FROM ${CPU_BASE} AS cpu", 1)[1].split("FROM ", 1)[0]
     (install,) = [line for line in cpu.splitlines() if "pip install" in line]
     assert pip_requirements(install) == pip_requirements(demo.replace(" -e ", " ")) == [".[embedded]", "torch==2.13.0"]
+    assert pip_constraints(install) == pip_constraints(demo) == ["selfreward/engine/constraints.txt"]

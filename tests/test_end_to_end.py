@@ -12,8 +12,8 @@ from collections import Counter
 import pytest
 import yaml
 
-from selfreward.jsonl import read_jsonl
-from selfreward.rundir import RunDir
+from selfreward.run.directory import RunDir
+from selfreward.run.jsonl import read_jsonl
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from selfreward.evaluation import evaluate_judge, load_pairs, load_ranked, pair_metrics, ranked_metrics
+from selfreward.data.preferences import load_pairs, load_ranked
 from selfreward.judge import JudgeResult
+from selfreward.judge.agreement import evaluate_judge, pair_metrics, ranked_metrics
 from tests.conftest import SHARED
 
 

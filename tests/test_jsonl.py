@@ -5,7 +5,7 @@ import json
 import pytest
 
 from selfreward.errors import UserError
-from selfreward.jsonl import append_jsonl, read_jsonl, repair_tail, resume_records
+from selfreward.run.jsonl import append_jsonl, read_jsonl, repair_tail, resume_records
 
 
 def test_torn_last_line_is_cut_on_resume(tmp_path):

@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from selfreward.rundir import RunDir
+from selfreward.run.directory import RunDir
 from selfreward.stages import STAGES
 from tests.conftest import ROOT
 from tests.test_pipeline import tiny_recipe

@@ -8,13 +8,13 @@ import logging
 import pytest
 from typer.testing import CliRunner
 
-from selfreward import pipeline
+from selfreward import loop
 from selfreward.backends.base import Backend, Completion
-from selfreward.jsonl import read_jsonl
-from selfreward.limits import cut
-from selfreward.recipe import DataSection, JudgeSection, LimitsSection, parse_recipe
-from selfreward.rundir import RunDir
-from selfreward.seeds import load_ift, load_seeds, subsample
+from selfreward.data.limits import truncate_text
+from selfreward.data.seeds import load_ift, load_seeds, subsample
+from selfreward.recipe import DataSection, LimitsSection, parse_recipe
+from selfreward.run.directory import RunDir
+from selfreward.run.jsonl import read_jsonl
 from selfreward.stages import BY_NAME, sft
 from selfreward.stages.context import Models, StageContext
 from tests.test_pipeline import tiny_recipe
@@ -28,7 +28,7 @@ from tests.test_pipeline import tiny_recipe
     ("a " + "y" * 40, 20, "a " + "y" * 18),     # whitespace too far back to move to
 ])
 def test_cut_keeps_within_the_limit_and_avoids_splitting_words(text, limit, expected):
-    assert cut(text, limit) == expected
+    assert truncate_text(text, limit) == expected
 
 
 def write_jsonl(path, records):
@@ -63,7 +63,7 @@ def test_seed_loading_cuts_long_instructions_and_responses_and_counts_them(tmp_p
 def test_sft_stage_records_the_seed_cuts_in_its_done_record(tmp_path):
     trained_on = {}
 
-    def fake_sft(model, ift, eft, template, config, output, seed, trust_remote_code):
+    def fake_sft(model, ift, eft, template, config, output, seed, trust_remote_code, log_path):
         trained_on.update(ift=ift, eft=eft)
         return {"steps": 0}
 
@@ -110,7 +110,7 @@ def test_judging_stage_judges_cut_responses_and_counts_them(tmp_path, recording)
                                     "tokens": 1, "finished": True} for i, text in enumerate([long, "short answer"])])
     run.mark_done("iter1/prompts", {})
     run.mark_done("iter1/generate", {})
-    result = pipeline.run_stage(BY_NAME["judge"], recipe, run, 1, Models(recipe, lambda *args: recording))
+    result = loop.run_stage(BY_NAME["judge"], recipe, run, 1, Models(recipe, lambda *args: recording))
     assert result["truncated"] == {"instructions": 0, "responses": 1}
     assert "step step step step" in recording.prompts[0] and long.strip() not in recording.prompts[0]
     assert [r["id"] for r in read_jsonl(run.judgments(1))] == ["r0", "r1"]

@@ -14,15 +14,15 @@ import yaml
 from typer.testing import CliRunner
 
 from selfreward.cli import app
-from selfreward.jsonl import read_jsonl
-from selfreward.rundir import RunDir
+from selfreward.run.directory import RunDir
+from selfreward.run.jsonl import read_jsonl
 from tests.conftest import ROOT
 from tests.test_pipeline import tiny_recipe
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from selfreward.rundir import RunDir
+from selfreward.run.directory import RunDir
 with RunDir(Path(sys.argv[1])).hold(sys.argv[2]):
     print("held", flush=True)
     time.sleep(600)

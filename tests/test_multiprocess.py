@@ -7,12 +7,12 @@ import json
 
 import pytest
 
+from selfreward import loop
 from selfreward.models import load_causal_lm
 from selfreward.recipe import parse_recipe
-from selfreward.rundir import RunDir
+from selfreward.run.directory import RunDir
 from selfreward.stages import BY_NAME
 from selfreward.stages.context import Models
-from selfreward import pipeline
 from tests.test_pipeline import tiny_recipe
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def train_both(tiny_model, root, processes: int) -> RunDir:
     run = RunDir(root)
     run.bind_recipe(recipe)
     with Models(recipe) as models:
-        pipeline.run_stage(BY_NAME["sft"], recipe, run, 0, models)
+        loop.run_stage(BY_NAME["sft"], recipe, run, 0, models)
         run.iteration(1).mkdir(parents=True, exist_ok=True)
         run.pairs(1).write_text("".join(json.dumps({
             "id": f"p{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}],
@@ -37,7 +37,7 @@ def train_both(tiny_model, root, processes: int) -> RunDir:
         }) + "\n" for i in range(8)))
         for stage in ("prompts", "generate", "judge", "pairs"):  # DPO's inputs, made by hand above
             run.mark_done(f"iter1/{stage}", {})
-        pipeline.run_stage(BY_NAME["dpo"], recipe, run, 1, models)
+        loop.run_stage(BY_NAME["dpo"], recipe, run, 1, models)
     return run
 
 

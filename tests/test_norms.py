@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from selfreward.backends.norms import use_inplace_norms
+from selfreward.engine.norms import use_inplace_norms
 from tests.test_onednn import INPUT, tiny
 
 
@@ -28,7 +28,7 @@ def test_inplace_norms_leave_other_norms_and_training_alone():
 
 
 def test_models_off_the_cpu_keep_their_own_norms_and_linears():
-    from selfreward.backends.onednn import OneDnnLayers, use_onednn
+    from selfreward.engine.onednn import OneDnnLayers, use_onednn
 
     model = tiny("gemma", torch.bfloat16).to("meta")  # stands for a GPU: a device that is not the CPU
     assert use_inplace_norms(model) == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from selfreward.backends.onednn import OneDnnLayers, use_onednn
+from selfreward.engine.onednn import OneDnnLayers, use_onednn
 
 
 def tiny(kind: str, dtype: torch.dtype):

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from selfreward.jsonl import read_jsonl
+from selfreward.run.jsonl import read_jsonl
 from selfreward.stages.pairs import run_pairs
 
 

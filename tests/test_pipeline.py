@@ -11,11 +11,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from selfreward import pipeline
+from selfreward import loop
 from selfreward.backends import open_backend as real_open_backend
-from selfreward.jsonl import read_jsonl
 from selfreward.recipe import parse_recipe
-from selfreward.rundir import RunDir
+from selfreward.run.directory import RunDir
+from selfreward.run.jsonl import read_jsonl
 from selfreward.stages import BY_NAME
 from selfreward.stages.context import Models
 from tests.conftest import ScriptedJudge
@@ -59,7 +59,7 @@ def scripted() -> Scripted:
 def test_full_loop_writes_every_stage_and_resumes_instantly(tiny_model, tmp_path, scripted):
     recipe = parse_recipe(tiny_recipe(tiny_model), "tiny")
     run = RunDir(tmp_path / "run")
-    rows = pipeline.run(recipe, run, scripted)
+    rows = loop.run(recipe, run, scripted)
     assert [row["iteration"] for row in rows] == [1, 2]
     for t in (1, 2):
         prompts = read_jsonl(run.prompts(t))
@@ -88,9 +88,24 @@ def test_full_loop_writes_every_stage_and_resumes_instantly(tiny_model, tmp_path
         assert old.keys() == new.keys() and not any("lora" in key for key in new)
         assert any(not torch.equal(old[key], new[key]) for key in old), f"{after} has the weights of {before}"
     loads = len(scripted.loads)
-    assert pipeline.run(recipe, run, scripted) == rows  # a finished run: nothing reloaded, nothing redone
+    assert loop.run(recipe, run, scripted) == rows  # a finished run: nothing reloaded, nothing redone
     assert len(scripted.loads) == loads
     assert yaml.safe_load(run.recipe_path.read_text())["responses"]["n"] == 3
+
+
+def test_plain_transformers_runs_the_loop_and_its_records_do_not_depend_on_the_batch_size(tiny_model, tmp_path, scripted):
+    """`backend.cpu_engine: off` runs every generating stage on plain transformers, and keeps the records
+    contract: each row is drawn from its own seed, so the batch size changes speed, not records."""
+    runs = {}
+    for batch_size in (16, 3):
+        recipe = parse_recipe(tiny_recipe(tiny_model, iterations=1, backend={"cpu_engine": "off", "batch_size": batch_size}), "tiny")
+        runs[batch_size] = run = RunDir(tmp_path / f"batch{batch_size}")
+        loop.run(recipe, run, scripted)
+        paths = {stage: run.done_record(f"iter1/{stage}")["inference_path"] for stage in ("prompts", "generate", "judge")}
+        assert paths == dict.fromkeys(paths, "plain")
+        assert read_jsonl(run.pairs(1)) and (run.model(1) / "model.safetensors").is_file()
+    for name in ("prompts", "responses", "judgments", "pairs"):
+        assert getattr(runs[3], name)(1).read_bytes() == getattr(runs[16], name)(1).read_bytes(), name
 
 
 class Crash(Exception):
@@ -117,13 +132,13 @@ def test_interrupted_judging_resumes_without_duplicates_or_losses(tiny_model, tm
         return backend
 
     with pytest.raises(Crash):
-        pipeline.run(recipe, run, crashing_open)
+        loop.run(recipe, run, crashing_open)
     partial = read_jsonl(run.judgments(1))
     assert 0 < len(partial) < 18 and not run.is_done("iter1/judge")
     # A torn write on top of the crash: half a record at the end of the file.
     with run.judgments(1).open("a") as handle:
         handle.write('{"id": "iter1-p00005-r2", "sco')
-    pipeline.run(recipe, run, crashing_open)
+    loop.run(recipe, run, crashing_open)
     judgments = read_jsonl(run.judgments(1))
     responses = read_jsonl(run.responses(1))
     assert sorted(j["id"] for j in judgments) == sorted(r["id"] for r in responses)
@@ -137,7 +152,7 @@ def test_stage_commands_refuse_to_run_out_of_order(tiny_model, tmp_path):
     run = RunDir(tmp_path / "run")
     run.bind_recipe(recipe)
     with pytest.raises(UserError, match=r"stage 'iter1/generate' has not finished; run `selfreward generate --iteration 1` first"):
-        pipeline.run_stage(BY_NAME["pairs"], recipe, run, 1, Models(recipe))
+        loop.run_stage(BY_NAME["pairs"], recipe, run, 1, Models(recipe))
 
 
 def test_each_iteration_measures_the_judge_on_held_out_human_rankings(tiny_model, tmp_path, scripted):
@@ -149,7 +164,7 @@ def test_each_iteration_measures_the_judge_on_held_out_human_rankings(tiny_model
     recipe = parse_recipe(tiny_recipe(tiny_model, iterations=1, sft={"enabled": False},
                                       evaluation={"ranked": str(ranked), "mode": "expected"}), "tiny")
     run = RunDir(tmp_path / "run")
-    (row,) = pipeline.run(recipe, run, scripted)
+    (row,) = loop.run(recipe, run, scripted)
     report = json.loads((run.iteration(1) / "judge_eval.json").read_text())
     assert report["ranked"]["judge"]["prompts"] == 3 and report["ranked"]["judge"]["pairs"] == 3
     assert report["ranked"]["length_baseline"]["pairwise_accuracy"] == 100  # the longer answer is the better here
@@ -162,7 +177,7 @@ def test_run_log_says_when_model_code_will_be_executed(tmp_path, caplog, trusted
     raw["model"]["trust_remote_code"] = trusted
     recipe = parse_recipe(raw, "tiny")
     with caplog.at_level("WARNING"):
-        assert pipeline.run(recipe, RunDir(tmp_path / "run")) == []
+        assert loop.run(recipe, RunDir(tmp_path / "run")) == []
     expected = ["model.trust_remote_code is on: code from org/remote-model will be executed"] if trusted else []
     assert [r.getMessage() for r in caplog.records if "trust_remote_code" in r.getMessage()] == expected
 

@@ -26,8 +26,8 @@ def test_few_shot_prompt_numbers_the_examples_and_asks_for_the_next():
 
 def test_samples_per_prompt_draws_several_candidates_from_each_few_shot_prompt(tmp_path):
     from selfreward.backends.base import Backend, Completion
-    from selfreward.jsonl import read_jsonl
     from selfreward.recipe import PromptsSection
+    from selfreward.run.jsonl import read_jsonl
     from selfreward.stages.prompts import run_prompts
 
     class Writer(Backend):

@@ -14,11 +14,11 @@ from pathlib import Path
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from selfreward.data.limits import WORD_SLACK, truncate_text
+from selfreward.data.seeds import load_eft, load_ift
 from selfreward.errors import UserError
-from selfreward.jsonl import append_jsonl, read_jsonl, repair_tail, write_jsonl_atomic
-from selfreward.judge import INVISIBLE, LABEL, parse_score
-from selfreward.limits import WORD_SLACK, cut
-from selfreward.seeds import load_eft, load_ift
+from selfreward.judge.parse import INVISIBLE, LABEL, parse_score
+from selfreward.run.jsonl import append_jsonl, read_jsonl, repair_tail, write_jsonl_atomic
 
 FAST = settings(max_examples=200, deadline=None)
 
@@ -122,7 +122,7 @@ def test_seed_loaders_load_valid_examples_or_raise_a_user_error(lines, eft):
 @FAST
 @given(st.text(st.characters()), st.integers(1, 50))
 def test_cut_returns_a_prefix_within_the_limit(text, limit):
-    short = cut(text, limit)
+    short = truncate_text(text, limit)
     assert text.startswith(short) and len(short) <= limit
     assert short == text if len(text) <= limit else len(short) >= limit * (1 - WORD_SLACK)
 

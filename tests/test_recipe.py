@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from selfreward.cli import app
 from selfreward.errors import UserError
 from selfreward.recipe import load_recipe, parse_recipe
-from selfreward.rundir import RunDir
+from selfreward.run.directory import RunDir
 from tests.conftest import ROOT
 
 
@@ -102,7 +102,7 @@ def test_cli_error_line_prints_brackets_in_paths_literally(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml")))
 def test_every_shipped_recipe_is_valid_and_names_files_that_exist(path):
-    from selfreward.pipeline import check_inputs
+    from selfreward.loop import check_inputs
 
     recipe = load_recipe(path)
     check_inputs(recipe, path)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from selfreward.data.seeds import load_eft, load_ift, load_oasst1_messages, oasst1_seeds
 from selfreward.errors import UserError
 from selfreward.judge import parse_score
-from selfreward.seeds import load_eft, load_ift, load_oasst1_messages, oasst1_seeds
 from tests.conftest import ROOT, SHARED
 
 OASST1 = SHARED / "oasst1" / "sample.jsonl"
@@ -61,10 +61,10 @@ def test_oasst1_first_turns_become_ift_and_ranked_eft():
 
 def test_judged_eft_keeps_only_judgment_sets_that_order_responses_as_humans(tiny_model):
     from selfreward.backends.base import Backend, Completion
-    from selfreward.evaluation import RankedPrompt
+    from selfreward.data.preferences import RankedPrompt
+    from selfreward.data.seeds import judged_eft, orders_as_humans
     from selfreward.judge import Judge
     from selfreward.models import load_tokenizer
-    from selfreward.seeds import judged_eft, orders_as_humans
 
     class Scripted(Backend):
         chunk_prompts = 64

@@ -10,9 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from selfreward.cli import app
-from selfreward.jsonl import read_jsonl
-from selfreward.rundir import RunDir
-from selfreward.units import Shard
+from selfreward.run.directory import RunDir
+from selfreward.run.jsonl import read_jsonl
+from selfreward.run.units import Shard
 from tests.test_pipeline import tiny_recipe
 
 

@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from selfreward.cli import app
-from selfreward.rundir import RunDir
+from selfreward.run.directory import RunDir
 from tests.conftest import ROOT
 from tests.slurm_cluster import Cluster, missing
 from tests.test_kill import comparable

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from selfreward.data.seeds import load_eft, load_ift
+from selfreward.judge import load_judge_template
 from selfreward.recipe import DpoSection, SftSection
+from selfreward.run.jsonl import read_jsonl
 from selfreward.stages.dpo import run_dpo
 from selfreward.stages.sft import run_sft
-from selfreward.templates import load_template
-from selfreward.seeds import load_eft, load_ift
 
 
 class Preempted(Exception):
@@ -44,7 +45,8 @@ TRAIN = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 2, "gradient_accumula
 def sft(tiny_model, output, callbacks=()):
     config = SftSection(**TRAIN, max_length=256, group_by_length=False)
     ift, eft = load_ift("data/ift.jsonl")[:8], load_eft("data/eft.jsonl")[:4]
-    return run_sft(tiny_model, ift, eft, load_template(None, "judge.txt", ()), config, output, 0, callbacks=list(callbacks))
+    return run_sft(tiny_model, ift, eft, load_judge_template(), config, output, 0, callbacks=list(callbacks),
+                   log_path=output.parent / "train_log.jsonl")
 
 
 def dpo(tiny_model, output, callbacks=()):
@@ -56,7 +58,7 @@ def dpo(tiny_model, output, callbacks=()):
         "rejected": [{"role": "assistant", "content": "No."}],
     }) + "\n" for i in range(8)))
     config = DpoSection(**TRAIN, max_length=128, lora={"enabled": True, "r": 4, "alpha": 8})
-    return run_dpo(tiny_model, pairs, config, output, 0, callbacks=list(callbacks))
+    return run_dpo(tiny_model, pairs, config, output, 0, callbacks=list(callbacks), log_path=output.parent / "train_log.jsonl")
 
 
 @pytest.mark.parametrize(("train", "steps"), [(sft, 4), (dpo, 4)])  # 8 IFT examples (EFT ones exceed max_length), 8 pairs; batches of 2
@@ -77,6 +79,18 @@ def test_training_killed_mid_epoch_resumes_to_the_weights_and_steps_of_an_uninte
     base = weights(Path(tiny_model))
     assert any(not torch.equal(actual[name], base[name]) for name in base)  # training moved the weights
     assert not any("lora" in name for name in actual)  # adapters merged: a plain checkpoint
+    # The per-step log: one record a step, the records written before the kill past step 3 dropped on resume.
+    logged = read_jsonl(tmp_path / "killed" / "train_log.jsonl")
+    assert [r["step"] for r in logged] == list(range(1, steps + 1))
+    assert logged == read_jsonl(tmp_path / "whole" / "train_log.jsonl")
+    assert [r["loss"] for r in logged] == [r["loss"] for r in resumed["log"]]
+
+
+def test_training_prints_no_raw_step_records(tiny_model, tmp_path, capfd):
+    result = sft(tiny_model, tmp_path / "m1")
+    out, err = capfd.readouterr()
+    assert "{'loss'" not in out + err and "'learning_rate'" not in out + err
+    assert len(read_jsonl(tmp_path / "train_log.jsonl")) == result["steps"] > 0
 
 
 def test_the_allocator_keeps_freed_memory_unless_told_not_to(monkeypatch):
@@ -91,7 +105,7 @@ def test_packed_sft_trains_the_weights_of_padded_sft_on_the_same_examples(tiny_m
     """Packing only removes padding: with all examples in one step (one packed row, or one padded batch)
     the loss and the trained weights are those of the padded run."""
     ift = load_ift("data/ift.jsonl")[:6]
-    template = load_template(None, "judge.txt", ())
+    template = load_judge_template()
 
     def train(name: str, **settings):
         config = SftSection(**{**TRAIN, "save_steps": None, "max_length": 2048, "group_by_length": False, **settings})

@@ -27,7 +27,7 @@ def test_keeps_exactly_the_tokens_vllm_and_transformers_top_p_keep(top_p):
     from transformers.generation.logits_process import TopPLogitsWarper
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
-    from selfreward.backends.vllm_top_p import keep_nucleus
+    from selfreward.engine.vllm_top_p import keep_nucleus
 
     logits = logits_rows()
     ours = logits.clone()
@@ -49,7 +49,7 @@ def test_processor_applies_each_requests_top_p_to_its_row_through_batch_changes(
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import MoveDirectionality
 
-    from selfreward.backends.vllm_top_p import TOP_P, TopP, keep_nucleus
+    from selfreward.engine.vllm_top_p import TOP_P, TopP, keep_nucleus
 
     def request(top_p):
         return SamplingParams(top_p=1.0, extra_args=None if top_p is None else {TOP_P: top_p})
@@ -84,7 +84,7 @@ def test_processor_applies_each_requests_top_p_to_its_row_through_batch_changes(
 def test_a_top_p_outside_0_1_is_refused_not_sampled_from_an_empty_nucleus(top_p):
     from vllm import SamplingParams
 
-    from selfreward.backends.vllm_top_p import TOP_P, TopP
+    from selfreward.engine.vllm_top_p import TOP_P, TopP
 
     with pytest.raises(ValueError, match=TOP_P):
         TopP.validate_params(SamplingParams(top_p=1.0, extra_args={TOP_P: top_p}))

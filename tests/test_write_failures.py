@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from selfreward.backends import open_backend as real_open_backend
 from selfreward.errors import UserError
-from selfreward.jsonl import append_jsonl, read_jsonl, write_atomic
-from selfreward.rundir import RunDir
+from selfreward.run.directory import RunDir
+from selfreward.run.jsonl import append_jsonl, read_jsonl, write_atomic
 from tests.conftest import ScriptedJudge
 from tests.test_pipeline import tiny_recipe
 

@@ -5,6 +5,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# How many of the most likely next tokens vLLM and OpenAI-compatible servers report log-probabilities for
+# (`next_token_probs` reads the judge's six score tokens among them; servers commonly cap it at 20).
+TOP_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -39,6 +43,8 @@ class Backend(ABC):
     # How many prompts a caller should submit per call: large enough to keep the backend busy, small
     # enough that results reach disk (and survive a crash) every few seconds to minutes.
     chunk_prompts: int = 64
+    # What computes, for the done records: "engine" or "plain" (transformers), "vllm", "http".
+    path: str = "custom"
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """Render a conversation with the model's chat template, ready for the assistant's turn."""

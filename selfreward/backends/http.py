@@ -15,12 +15,11 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from selfreward.backends.base import Backend, Completion, Sampling, cut_at_stop
+from selfreward.backends.base import TOP_LOGPROBS, Backend, Completion, Sampling, cut_at_stop
 from selfreward.errors import UserError
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
-TOP_LOGPROBS = 20
 
 
 class ChatPrompt(str):
@@ -28,6 +27,8 @@ class ChatPrompt(str):
 
 
 class HttpBackend(Backend):
+    path = "http"
+
     def __init__(
         self,
         endpoint: str,

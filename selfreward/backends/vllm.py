@@ -16,16 +16,15 @@ import math
 import os
 from collections.abc import Sequence
 
-from selfreward.backends.base import Backend, Completion, Sampling, cut_at_stop, row_seed
+from selfreward.backends.base import TOP_LOGPROBS, Backend, Completion, Sampling, cut_at_stop, row_seed
 from selfreward.models import load_tokenizer, stop_token_ids
 from selfreward.precision import inference_dtype
 
 log = logging.getLogger(__name__)
-# vLLM reports logprobs only for the top tokens; the judge's six score tokens are usually among them.
-TOP_LOGPROBS = 20
 
 
 class VllmBackend(Backend):
+    path = "vllm"
     chunk_prompts = 512
 
     def __init__(self, model_path: str, config, seed: int = 0, trust_remote_code: bool = False) -> None:
@@ -40,10 +39,11 @@ class VllmBackend(Backend):
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-        self.top_p_processor = on_cpu and os.environ["VLLM_USE_V2_MODEL_RUNNER"].lower() in ("0", "false")
+        self.top_p_processor = (on_cpu and config.cpu_engine != "off"
+                               and os.environ["VLLM_USE_V2_MODEL_RUNNER"].lower() in ("0", "false"))
         processors = {}
         if self.top_p_processor:
-            from selfreward.backends.vllm_top_p import TopP
+            from selfreward.engine.vllm_top_p import TopP
 
             processors["logits_processors"] = [TopP]
 
@@ -80,7 +80,7 @@ class VllmBackend(Backend):
         top_p = sampling.top_p if sampling.temperature > 0 else 1.0
         ours = self.top_p_processor and top_p < 1.0
         if ours:
-            from selfreward.backends.vllm_top_p import TOP_P
+            from selfreward.engine.vllm_top_p import TOP_P
 
         params = [
             SamplingParams(

@@ -22,11 +22,26 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from selfreward.recipe import Recipe
+from selfreward.run.units import Shard
 from selfreward.stages import dpo, evaluate, generate, judging, pairs, prompts, sft
 from selfreward.stages.context import StageContext
-from selfreward.units import Shard
+from selfreward.train.trainer import launch
 
 MODEL = "model"  # in `reads`: M_t, the model the iteration starts from
+
+
+@dataclass(frozen=True)
+class Training:
+    """The `run` of a stage that trains (SFT, DPO): its `train(ctx)` in this process, or in each of
+    `launcher.num_processes` processes under `accelerate launch` (`selfreward.train.worker` calls `train`
+    there; the main process writes the model and the result that becomes the done record)."""
+
+    train: Callable[[StageContext], dict[str, Any]]
+
+    def __call__(self, ctx: StageContext) -> dict[str, Any]:
+        if ctx.recipe.launcher.num_processes > 1:
+            return launch(ctx.recipe.launcher, ctx.stage, ctx.run_dir.root, ctx.iteration)
+        return self.train(ctx)
 
 
 @dataclass(frozen=True)
@@ -74,7 +89,7 @@ class Stage:
 
 
 SFT = Stage(
-    "sft", "SFT: train M1 from the base model on IFT + EFT seed data (writes m1/).", sft.stage,
+    "sft", "SFT: train M1 from the base model on IFT + EFT seed data (writes m1/).", Training(sft.train),
     writes=(MODEL,), model="train", per_iteration=False, enabled=lambda recipe: recipe.sft.enabled,
 )
 STAGES: tuple[Stage, ...] = (
@@ -109,7 +124,7 @@ STAGES: tuple[Stage, ...] = (
                  field("unscored_dropped", "unscored dropped")),
     ),
     Stage(
-        "dpo", "DPO-train M_{t+1} from M_t on the pairs, reference M_t (iter{t}/model/).", dpo.stage,
+        "dpo", "DPO-train M_{t+1} from M_t on the pairs, reference M_t (iter{t}/model/).", Training(dpo.train),
         reads=(MODEL, "pairs"), writes=(MODEL,), model="train",
         metrics=(Metric("dpo_loss", "DPO loss first → last", lambda r: [r.get("first_loss"), r.get("last_loss")]),),
     ),

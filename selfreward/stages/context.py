@@ -10,8 +10,8 @@ from typing import TypeVar
 from selfreward.backends import Backend, open_backend
 from selfreward.models import resolve_model
 from selfreward.recipe import Recipe
-from selfreward.rundir import RunDir
-from selfreward.units import Shard, unit_seed
+from selfreward.run.directory import RunDir
+from selfreward.run.units import Shard, unit_seed
 
 T = TypeVar("T")
 # Opens a model in a backend: (model path, recipe backend section, seed, trust_remote_code) → Backend.

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from selfreward import completion_head
 from selfreward.errors import UserError
-from selfreward.jsonl import read_jsonl
 from selfreward.models import resolve_model
 from selfreward.recipe import DpoSection
+from selfreward.run.jsonl import read_jsonl
 from selfreward.stages.context import StageContext
-from selfreward.training import checkpoint_callbacks, launch, load_for_training, lora_config, train_and_save, trainer_args
+from selfreward.train import completion_head
+from selfreward.train.trainer import checkpoint_callbacks, load_for_training, lora_config, train_and_save, trainer_args
 
 log = logging.getLogger(__name__)
 PAIR_FIELDS = {"prompt": list, "chosen": list, "rejected": list}
@@ -28,6 +28,7 @@ def run_dpo(
     trust_remote_code: bool = False,
     callbacks: list | None = None,
     lm_head=completion_head.install,
+    log_path: Path | None = None,
 ) -> dict[str, Any]:
     """Train M_{t+1} from `model_path` (= M_t, also the reference) on `pairs_path`; save to `output`.
     `lm_head(trainer)` may replace TRL's LM head and says whether it did (see `completion_head`).
@@ -60,7 +61,7 @@ def run_dpo(
     )
     label_positions_only = lm_head(trainer)
     reference = model_path if peft_config else trainer.ref_model.config._name_or_path
-    result = train_and_save(trainer, tokenizer, work_dir, output, model_path, trust_remote_code)
+    result = train_and_save(trainer, tokenizer, work_dir, output, model_path, trust_remote_code, log_path, "DPO")
     result.update(pairs=len(dataset), lm_head_on_labels_only=label_positions_only, policy=model_path, reference=reference, seconds=round(time.perf_counter() - started, 1))
     log.info("DPO: %d pairs, loss %s → %s, %.0f s", len(dataset), result["first_loss"], result["last_loss"], result["seconds"])
     return result
@@ -70,11 +71,4 @@ def train(ctx: StageContext) -> dict[str, Any]:
     """The DPO stage's work in this process (one of several under `accelerate launch`)."""
     t, recipe = ctx.iteration, ctx.recipe
     return run_dpo(resolve_model(ctx.current_model), ctx.run_dir.pairs(t), recipe.dpo, ctx.run_dir.model(t), recipe.seed,
-                   recipe.model.trust_remote_code)
-
-
-def stage(ctx: StageContext) -> dict[str, Any]:
-    """M_{t+1} = DPO(M_t, pairs), reference M_t; in this process or under `accelerate launch`."""
-    if ctx.recipe.launcher.num_processes > 1:
-        return launch(ctx.recipe.launcher, "dpo", ctx.run_dir.root, ctx.iteration)
-    return train(ctx)
+                   recipe.model.trust_remote_code, log_path=ctx.run_dir.dpo_log(t))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from selfreward.evaluation import evaluate_judge
-from selfreward.jsonl import write_json_atomic
+from selfreward.judge.agreement import evaluate_judge
+from selfreward.run.jsonl import write_json_atomic
 from selfreward.stages.context import StageContext
 from selfreward.stages.judging import make_judge
 

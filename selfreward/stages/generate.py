@@ -10,11 +10,11 @@ from statistics import mean
 from typing import Any
 
 from selfreward.backends import Backend, Sampling
-from selfreward.jsonl import append_jsonl, read_jsonl
 from selfreward.progress import progress_bar
 from selfreward.recipe import ResponsesSection
+from selfreward.run.jsonl import append_jsonl, read_jsonl
+from selfreward.run.units import resume_units, units_of
 from selfreward.stages.context import StageContext
-from selfreward.units import cut, resume_units
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def run_generate(
     seeds a unit. A rerun keeps the complete units already in `output` and redoes the rest.
     """
     started = time.perf_counter()
-    units = cut(prompts, config.unit_size)
+    units = units_of(prompts, config.unit_size)
     done = resume_units(output, units, "prompt_id", config.n)
     with progress_bar(label, len(prompts), sum(len(u) for u in units[:done])) as advance:
         for unit in units[done:]:
@@ -54,7 +54,7 @@ def stage(ctx: StageContext) -> dict[str, Any]:
     """candidates = M_t answers each prompt N times (this process's share of the units)."""
     t, config = ctx.iteration, ctx.recipe.responses
     prompts = read_jsonl(ctx.run_dir.prompts(t))
-    mine = [p for unit in ctx.take(cut(prompts, config.unit_size)) for p in unit]
+    mine = [p for unit in ctx.take(units_of(prompts, config.unit_size)) for p in unit]
     output = ctx.output(ctx.run_dir.responses(t))
     return run_generate(ctx.backend(), mine, config, output, ctx.seed_of, f"iter{t} {ctx.stage}")
 

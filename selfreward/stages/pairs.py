@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from selfreward.jsonl import read_jsonl, write_jsonl_atomic
+from selfreward.run.jsonl import read_jsonl, write_jsonl_atomic
 from selfreward.stages.context import StageContext
 
 

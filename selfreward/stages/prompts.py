@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from selfreward.backends import Backend, Sampling
-from selfreward.jsonl import append_jsonl, resume_records, write_jsonl_atomic
+from selfreward.data.seeds import load_seeds
 from selfreward.progress import progress_bar
 from selfreward.recipe import PromptsSection
-from selfreward.seeds import load_seeds
+from selfreward.run.jsonl import append_jsonl, resume_records, write_jsonl_atomic
 from selfreward.stages.context import StageContext
 from selfreward.templates import fill, load_template
 

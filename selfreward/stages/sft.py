@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from selfreward import completion_head
-from selfreward.judge import JudgeItem, render_judge_prompt
+from selfreward.data.seeds import load_seeds
+from selfreward.judge import JudgeItem, load_judge_template, render_judge_prompt
 from selfreward.models import resolve_model
 from selfreward.recipe import SftSection
-from selfreward.seeds import load_seeds
 from selfreward.stages.context import StageContext
-from selfreward.templates import load_template
-from selfreward.training import checkpoint_callbacks, launch, load_for_training, lora_config, train_and_save, trainer_args
+from selfreward.train import completion_head
+from selfreward.train.trainer import checkpoint_callbacks, load_for_training, lora_config, train_and_save, trainer_args
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,7 @@ def run_sft(
     trust_remote_code: bool = False,
     callbacks: list | None = None,
     lm_head=completion_head.install,
+    log_path: Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `model_path` on IFT + EFT seed data; save M1 to `output` (a plain HF checkpoint).
 
@@ -71,7 +71,7 @@ def run_sft(
         callbacks=checkpoint_callbacks(config) + list(callbacks or []),
     )
     label_positions_only = lm_head(trainer)
-    result = train_and_save(trainer, tokenizer, work_dir, output, model_path, trust_remote_code)
+    result = train_and_save(trainer, tokenizer, work_dir, output, model_path, trust_remote_code, log_path, "SFT")
     result.update(examples=len(dataset), lm_head_on_labels_only=label_positions_only, ift=len(ift), eft=len(eft), seconds=round(time.perf_counter() - started, 1))
     log.info("SFT: %d examples, loss %s → %s, %.0f s", len(dataset), result["first_loss"], result["last_loss"], result["seconds"])
     return result
@@ -82,14 +82,7 @@ def train(ctx: StageContext, trainer=None, resolve=resolve_model) -> dict[str, A
     to the recipe's limits (counted in the result) goes to `trainer` (default `run_sft`)."""
     recipe = ctx.recipe
     ift, eft, truncated = load_seeds(recipe.data, recipe.seed, recipe.limits)
-    judge_template = load_template(recipe.judge.template, "judge.txt", ("instruction", "response"))
+    judge_template = load_judge_template(recipe.judge.template)
     result = (trainer or run_sft)(resolve(recipe.model.base), ift, eft, judge_template, recipe.sft, ctx.run_dir.sft_model,
-                                  recipe.seed, recipe.model.trust_remote_code)
+                                  recipe.seed, recipe.model.trust_remote_code, log_path=ctx.run_dir.sft_log)
     return {**result, "truncated": truncated}
-
-
-def stage(ctx: StageContext) -> dict[str, Any]:
-    """M1 = SFT(M0, IFT + EFT), in this process or under `accelerate launch`."""
-    if ctx.recipe.launcher.num_processes > 1:
-        return launch(ctx.recipe.launcher, "sft", ctx.run_dir.root, ctx.iteration)
-    return train(ctx)
