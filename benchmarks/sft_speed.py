@@ -28,8 +28,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (COMPUTE_DTYPE, cpu_times, cudnn_attention, device_name, matmul_gflops, mfu, parameters, peak_cuda_gib,
-                               peak_rss_gib, report, synchronize)
+from benchmarks.common import (
+    COMPUTE_DTYPE,
+    cpu_times,
+    cudnn_attention,
+    device_name,
+    matmul_gflops,
+    mfu,
+    parameters,
+    peak_cuda_gib,
+    peak_rss_gib,
+    report,
+    synchronize,
+)
 
 ROWS = {
     "trl head": {"labels_only": False, "keep_freed_memory": False, "gradient_checkpointing": True},

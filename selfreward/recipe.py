@@ -12,7 +12,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from selfreward.data.limits import MAX_INSTRUCTION_CHARS, MAX_RESPONSE_CHARS
 from selfreward.errors import UserError
 
 
@@ -147,8 +146,9 @@ class LimitsSection(Section):
     (iter{t}/judgments, like `selfreward judge --input`). Self-instructed prompts are not cut: over
     `prompts.max_chars` they are dropped."""
 
-    max_instruction_chars: int = Field(MAX_INSTRUCTION_CHARS, ge=1)
-    max_response_chars: int = Field(MAX_RESPONSE_CHARS, ge=1)
+    # Also the defaults of `selfreward judge --input` and `judge-eval`.
+    max_instruction_chars: int = Field(4000, ge=1)
+    max_response_chars: int = Field(8000, ge=1)
 
 
 class SamplingSection(Section):

@@ -90,13 +90,6 @@ def _open(recipe_path: Path, output: Path, verbose: bool, check: bool = True):
     return recipe, run_dir
 
 
-def _judge_opener(ctx: typer.Context):
-    """What opens the judge's model or endpoint in file mode (`app(args, obj={"open_judge_backend": ...})`)."""
-    from selfreward.cli.judge import open_judge_backend
-
-    return (ctx.obj or {}).get("open_judge_backend", open_judge_backend)
-
-
 def _opener(ctx: typer.Context):
     """The function that loads a model into a backend: the real one, or what the caller passed as
     `app(args, obj={"open_backend": ...})` (tests and benchmarks)."""

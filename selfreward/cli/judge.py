@@ -12,10 +12,11 @@ from rich.console import Console
 
 from selfreward.backends import Backend, Sampling, open_backend
 from selfreward.cli import run
-from selfreward.cli.app import ShardOption, VerboseOption, _guard, _judge_opener, _setup_command, _top_p_in_range, app, console
-from selfreward.data.limits import MAX_INSTRUCTION_CHARS, MAX_RESPONSE_CHARS
+from selfreward.cli.app import ShardOption, VerboseOption, _guard, _setup_command, _top_p_in_range, app, console
 from selfreward.errors import UserError
-from selfreward.recipe import BackendSection
+from selfreward.recipe import BackendSection, LimitsSection
+
+LIMITS = LimitsSection()  # the recipe's defaults
 from selfreward.run.jsonl import read_jsonl, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ def open_judge_backend(
     return open_backend(resolve_model(model), BackendSection(kind=backend))
 
 
+def _judge_opener(ctx: typer.Context):
+    """What opens the judge's model or endpoint in file mode (`app(args, obj={"open_judge_backend": ...})`)."""
+    return (ctx.obj or {}).get("open_judge_backend", open_judge_backend)
+
+
 def sampling(temperature: float, top_p: float, max_new_tokens: int, seed: int) -> Sampling:
     return Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
 
@@ -83,8 +89,8 @@ def judge(
     top_p: Annotated[float, typer.Option(callback=_top_p_in_range, help="Top-p, in (0, 1].")] = 0.9,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 192,
     template: Annotated[Path | None, typer.Option(help="Judge template file with {instruction} and {response}.")] = None,
-    max_instruction_chars: Annotated[int, typer.Option(min=1, help="File mode: longer instructions are cut to this many characters (counted).")] = MAX_INSTRUCTION_CHARS,
-    max_response_chars: Annotated[int, typer.Option(min=1, help="File mode: longer responses are cut to this many characters (counted).")] = MAX_RESPONSE_CHARS,
+    max_instruction_chars: Annotated[int, typer.Option(min=1, help="File mode: longer instructions are cut to this many characters (counted).")] = LIMITS.max_instruction_chars,
+    max_response_chars: Annotated[int, typer.Option(min=1, help="File mode: longer responses are cut to this many characters (counted).")] = LIMITS.max_response_chars,
     concurrency: Annotated[int, typer.Option(min=1, help="Endpoint: requests in flight.")] = 8,
     timeout: Annotated[float, typer.Option(min=1.0, help="Endpoint: seconds per request.")] = 120.0,
     seed: int = 0,
@@ -132,8 +138,8 @@ def judge_eval(
     samples: Annotated[int, typer.Option("--samples", "-k", min=1)] = 3,
     mode: Annotated[str, typer.Option(help="sampled or expected.")] = "sampled",
     method: Annotated[str, typer.Option(help="scores (rate each response 0-5) or pairwise (compare two directly, both orders).")] = "scores",
-    max_instruction_chars: Annotated[int, typer.Option(min=1, help="The judge sees instructions cut to this many characters (counted).")] = MAX_INSTRUCTION_CHARS,
-    max_response_chars: Annotated[int, typer.Option(min=1, help="The judge sees responses cut to this many characters (counted).")] = MAX_RESPONSE_CHARS,
+    max_instruction_chars: Annotated[int, typer.Option(min=1, help="The judge sees instructions cut to this many characters (counted).")] = LIMITS.max_instruction_chars,
+    max_response_chars: Annotated[int, typer.Option(min=1, help="The judge sees responses cut to this many characters (counted).")] = LIMITS.max_response_chars,
     endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible server.")] = None,
     api: Annotated[str, typer.Option(help="Endpoint API: chat or completions.")] = "chat",
     backend: Annotated[str, typer.Option(help="Local backend: auto, vllm or transformers.")] = "auto",

@@ -12,9 +12,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Defaults of the recipe's `limits` section and of `selfreward judge --input`.
-MAX_INSTRUCTION_CHARS = 4000
-MAX_RESPONSE_CHARS = 8000
 # A cut moves back to the last whitespace so that no word is split, unless that whitespace is further
 # back than this share of the limit (a long URL or code without spaces is cut where it stands).
 WORD_SLACK = 0.2

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from selfreward.engine.prefill import (
-    MIN_SHARED_PREFIX, Prefix, compute_into, head_logits, last_layer_only_at, padded_batches, right_padded_pass,
+    MIN_SHARED_PREFIX,
+    Prefix,
+    compute_into,
+    head_logits,
+    last_layer_only_at,
+    padded_batches,
+    right_padded_pass,
     shared_prefix_length,
 )
 from selfreward.engine.top_p import row_uniforms, sample_tokens

@@ -14,8 +14,19 @@
 from selfreward.judge.hygiene import Defence, control_tokens, neutralise
 from selfreward.judge.parse import SCORE_STOPS, SCORES, WINNER_STOPS, parse_score, parse_winner
 from selfreward.judge.scoring import (
-    MODES, Judge, JudgeItem, JudgePair, JudgeResult, PairwiseResult, check_mode, load_judge_template,
-    load_pairwise_template, make_judge, render_judge_prompt, render_pairwise_prompt, summarize,
+    MODES,
+    Judge,
+    JudgeItem,
+    JudgePair,
+    JudgeResult,
+    PairwiseResult,
+    check_mode,
+    load_judge_template,
+    load_pairwise_template,
+    make_judge,
+    render_judge_prompt,
+    render_pairwise_prompt,
+    summarize,
 )
 
 __all__ = [

@@ -33,9 +33,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from selfreward.data.limits import MAX_INSTRUCTION_CHARS, MAX_RESPONSE_CHARS, truncate_text
+from selfreward.data.limits import truncate_text
 from selfreward.data.preferences import PreferencePair, RankedPrompt, load_pairs, load_ranked
 from selfreward.judge.scoring import Judge, JudgeItem, JudgePair, PairwiseResult
+from selfreward.recipe import LimitsSection
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +124,17 @@ def evaluate_judge(
     pairs: Path | None,
     limit: int | None,
     method: str = "scores",
-    max_chars: tuple[int, int] = (MAX_INSTRUCTION_CHARS, MAX_RESPONSE_CHARS),
+    max_chars: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Judge (and the length baseline) against human preferences; judge None = baseline only.
 
     `method`: "scores" rates every response on the rubric; "pairwise" compares pairs directly.
-    The judge sees instructions and responses cut to `max_chars` (instruction, response), counted in the
-    report as `truncated`; the length baseline sees the full texts.
+    The judge sees instructions and responses cut to `max_chars` (instruction, response; default the
+    recipe's `limits`), counted in the report as `truncated`; the length baseline sees the full texts.
     """
+    if max_chars is None:
+        limits = LimitsSection()
+        max_chars = (limits.max_instruction_chars, limits.max_response_chars)
     report: dict[str, Any] = {}
     if ranked:
         prompts = load_ranked(ranked)[:limit]

@@ -33,7 +33,7 @@ MODEL = "model"  # in `reads`: M_t, the model the iteration starts from
 @dataclass(frozen=True)
 class Training:
     """The `run` of a stage that trains (SFT, DPO): its `train(ctx)` in this process, or in each of
-    `launcher.num_processes` processes under `accelerate launch` (`selfreward.train.worker` calls `train`
+    `launcher.num_processes` processes under `accelerate launch` (`selfreward.stages.worker` calls `train`
     there; the main process writes the model and the result that becomes the done record)."""
 
     train: Callable[[StageContext], dict[str, Any]]

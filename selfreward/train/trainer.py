@@ -6,7 +6,7 @@ minutes (only the last is kept, in a hidden work folder beside the output); a re
 deleted once the model is saved.
 
 Several processes: with `launcher.num_processes > 1` the stage starts `accelerate launch` on
-`selfreward.train.worker`, which trains the same way in every process; only the main process writes the
+`selfreward.stages.worker`, which trains the same way in every process; only the main process writes the
 model and the result, and the calling process marks the stage done.
 """
 
@@ -285,7 +285,7 @@ def launch(launcher: LauncherSection, stage: str, run_dir: Path, iteration: int)
         # Plain DDP. On a CPU too: accelerate's --cpu starts several processes only through mpirun, while
         # --multi_gpu with the trainer's use_cpu=True gives N processes on the gloo backend.
         command += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["-m", "selfreward.train.worker", stage, str(run_dir), str(iteration), str(result_path)]
+    command += ["-m", "selfreward.stages.worker", stage, str(run_dir), str(iteration), str(result_path)]
     log.info("%s: %s", stage, " ".join(command))
     completed = subprocess.run(command, check=False)
     if completed.returncode != 0 or not result_path.is_file():

@@ -1,6 +1,6 @@
 """One process of a training stage under `accelerate launch` (started by `selfreward.train.trainer.launch`).
 
-    python -m selfreward.train.worker sft|dpo RUN_DIR ITERATION RESULT_JSON
+    python -m selfreward.stages.worker sft|dpo RUN_DIR ITERATION RESULT_JSON
 
 Every process reads the run directory's recipe and trains; only the main process writes the model and
 the result file, which the launching process turns into the stage's done record.
