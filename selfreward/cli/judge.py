@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,7 +54,9 @@ def open_judge_backend(
         tokenizer = None
         if api == "completions":
             tokenizer = load_tokenizer(resolve_model(model))
-        return HttpBackend(endpoint, model, api=api, concurrency=concurrency, timeout=timeout, tokenizer=tokenizer)
+        # A hosted API's key comes from the environment, never from a file or the command line.
+        return HttpBackend(endpoint, model, api=api, concurrency=concurrency, timeout=timeout, tokenizer=tokenizer,
+                           api_key=os.environ.get("OPENAI_API_KEY"))
     return open_backend(resolve_model(model), BackendSection(kind=backend))
 
 
@@ -210,3 +213,105 @@ def eft_build(
         console.print(f"kept {kept} of {len(prompts)} prompts ({len(records)} EFT examples) in {output}", highlight=False)
 
     _guard(action)
+
+
+def _answers(side: str, ref: str, instructions: list[str], output: Path, backend_kind: str, max_new_tokens: int, opener) -> list[str]:
+    """One answer per instruction from `ref`: an answers file (JSON list or JSONL of {instruction, output}),
+    or a model that answers greedily; a model's answers are written beside the output in AlpacaEval's
+    model_outputs.json format (and reused by a rerun)."""
+    from selfreward.backends.base import Sampling
+    from selfreward.judge.compare import load_answers, write_answers
+    from selfreward.models import resolve_model
+
+    path = Path(ref)
+    if path.is_file() and path.suffix in (".json", ".jsonl"):
+        return load_answers(path, instructions)
+    saved = output.with_name(f"{output.name}.{side}_outputs.json")
+    if saved.is_file():
+        try:
+            return load_answers(saved, instructions)
+        except UserError:
+            pass  # other instructions than last time: answer again
+    backend = opener(resolve_model(ref), BackendSection(kind=backend_kind))
+    try:
+        prompts = [backend.chat_prompt([{"role": "user", "content": text}]) for text in instructions]
+        outputs: list[str] = []
+        from selfreward.progress import progress_bar
+
+        with progress_bar(f"answers of {side}", len(prompts)) as advance:
+            for start in range(0, len(prompts), backend.chunk_prompts):
+                chunk = prompts[start : start + backend.chunk_prompts]
+                outputs += [row[0].text for row in backend.generate(chunk, 1, Sampling(temperature=0.0, max_new_tokens=max_new_tokens))]
+                advance(len(chunk))
+    finally:
+        backend.close()
+    write_answers(saved, instructions, outputs, ref)
+    return outputs
+
+
+@app.command()
+def compare(
+    ctx: typer.Context,
+    instructions: Annotated[Path, typer.Option(help="Instructions: JSON list or JSONL with 'instruction' (e.g. AlpacaEval's 805).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The side under test: a model (directory, hub id, embedded:...) or an answers file ({instruction, output}, JSON list or JSONL).")],
+    baseline: Annotated[str, typer.Option(help="The other side, in the same forms as --model.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Summary and per-item verdicts (JSON); the verdicts' JSONL beside it resumes an interrupted run.")],
+    judge_model: Annotated[str, typer.Option("--judge-model", help="The judge: a model, or with --endpoint the served model's name. Never the model being compared.")],
+    endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible server of the judge (its key from OPENAI_API_KEY).")] = None,
+    api: Annotated[str, typer.Option(help="Endpoint API: chat or completions (expected mode needs completions).")] = "chat",
+    mode: Annotated[str, typer.Option(help="sampled (a verdict per order) or expected (the verdict letter's probability).")] = "sampled",
+    backend: Annotated[str, typer.Option(help="Local backend for models: auto, vllm or transformers.")] = "auto",
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N instructions.")] = None,
+    answer_tokens: Annotated[int, typer.Option(min=1, help="Most new tokens of a model's (greedy) answer.")] = 512,
+    temperature: Annotated[float, typer.Option(min=0.0, help="The judge's sampling temperature.")] = 0.7,
+    top_p: Annotated[float, typer.Option(callback=_top_p_in_range, help="Top-p, in (0, 1].")] = 0.9,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens of a judge's verdict.")] = 256,
+    concurrency: Annotated[int, typer.Option(min=1, help="Endpoint: requests in flight.")] = 8,
+    timeout: Annotated[float, typer.Option(min=1.0, help="Endpoint: seconds per request.")] = 120.0,
+    seed: int = 0,
+    verbose: VerboseOption = False,
+) -> None:
+    """Head-to-head win rate of --model against --baseline on an instruction set: each item judged in both
+    orders (orders that disagree are a tie), with a bootstrap CI, a length-controlled win rate and position
+    consistency."""
+
+    def action() -> None:
+        from selfreward.judge import Judge, check_mode
+        from selfreward.judge.compare import Item, item_id, load_instructions, run_compare
+
+        _setup_command(verbose)
+        check_mode(mode, "--mode")
+        if judge_model in (model, baseline):
+            raise UserError("--judge-model: a model must not judge its own answers; name a fixed judge")
+        texts = load_instructions(instructions)[:limit]
+        opener = (ctx.obj or {}).get("open_backend", open_backend)
+        sides = [_answers(side, ref, texts, output, backend, answer_tokens, opener) for side, ref in (("model", model), ("baseline", baseline))]
+        items = [Item(item_id(text, a, b), text, a, b) for text, a, b in zip(texts, *sides)]
+        judge_backend = _judge_opener(ctx)(judge_model, endpoint, api, backend, concurrency, timeout)
+        try:
+            judge = Judge(judge_backend, None, mode, 1, sampling(temperature, top_p, max_new_tokens, seed))
+            summary = run_compare(judge, items, output, seed, lambda: {
+                "instructions": str(instructions), "model": model, "baseline": baseline, "judge": judge_model, "mode": mode})
+        finally:
+            judge_backend.close()
+        _print_compare(summary, model, baseline, output)
+
+    _guard(action)
+
+
+def _print_compare(summary: dict, model: str, baseline: str, output: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{model} vs {baseline}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    ci = summary["win_rate_ci"]
+    rows = [("items judged (n)", summary["n"]), ("unparsed, left out", summary["unparsed"]),
+            ("wins / ties / losses", f"{summary['wins']} / {summary['ties']} / {summary['losses']}"),
+            ("win rate %", f"{summary['win_rate']} [{ci[0]}, {ci[1]}]" if ci else "-"),
+            ("length-controlled win rate %", summary["lc_win_rate"]), ("position consistency %", summary["position_consistency"]),
+            ("mean chars, model / baseline", f"{summary['model_mean_chars']} / {summary['baseline_mean_chars']}")]
+    for label, value in rows:
+        table.add_row(label, "-" if value is None else str(value))
+    Console().print(table)
+    console.print(f"written to {output}", highlight=False)

@@ -60,8 +60,10 @@ def join_parts(stage: Stage, recipe: Recipe, run_dir: RunDir, t: int, models: Mo
     write_jsonl_atomic(output, records)
     parts = [run_dir.done_record(stage.done_key(t, shard)) for shard in shards]
     ctx = StageContext(recipe, run_dir, t, stage.name, models)
-    return {**stage.summarize(ctx, records), "seconds": round(sum(p.get("seconds") or 0 for p in parts), 1),
-            "shards": count}
+    # Which inference path the parts ran on (`run_stage` records it), when they agree.
+    paths = {p.get("inference_path") for p in parts} - {None}
+    return {**stage.summarize(ctx, records), **({"inference_path": paths.pop()} if len(paths) == 1 else {}),
+            "seconds": round(sum(p.get("seconds") or 0 for p in parts), 1), "shards": count}
 
 
 def run_replicas(stage: Stage, recipe: Recipe, run_dir: RunDir, t: int, models: Models) -> dict[str, Any]:
