@@ -315,3 +315,31 @@ def _print_compare(summary: dict, model: str, baseline: str, output: Path) -> No
         table.add_row(label, "-" if value is None else str(value))
     Console().print(table)
     console.print(f"written to {output}", highlight=False)
+
+
+@app.command("policy-eval")
+def policy_eval(
+    model: Annotated[str, typer.Option("--model", "-m", help="The DPO-trained policy, M_{t+1} (directory, hub id or embedded:...).")],
+    reference: Annotated[str, typer.Option(help="Its reference: M_t (or M1, or the base model, to see the whole run's movement).")],
+    ranked: Annotated[Path | None, typer.Option(help="Ranked responses: oasst1 messages or {instruction, responses: [{text, rank}]}.")] = None,
+    pairs: Annotated[Path | None, typer.Option(help="Chosen/rejected pairs: hh-rlhf dialogues or {prompt, chosen, rejected} (.jsonl/.gz).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N ranked prompts and N pairs.")] = None,
+    max_length: Annotated[int, typer.Option(min=16, help="Tokens of prompt and answer read (the start is kept).")] = 1024,
+    report_path: Annotated[Path | None, typer.Option("--report", help="Also write the result here (JSON).")] = None,
+    seed: int = 0,
+    verbose: VerboseOption = False,
+) -> None:
+    """Policy agreement with humans, judge-free: the share of human pairs whose chosen answer gets the higher
+    implicit DPO reward log pi(y|x) - log pi_ref(y|x) (ties half), with a 95 % bootstrap CI and n."""
+
+    def action() -> None:
+        from selfreward.judge.policy import evaluate_policy, human_pairs
+        from selfreward.models import resolve_model
+
+        _setup_command(verbose)
+        if ranked is None and pairs is None:
+            raise UserError("policy-eval: give --ranked and/or --pairs")
+        found = human_pairs(ranked, pairs, limit)  # validated before any model loads
+        write_report(report_path, evaluate_policy(resolve_model(model), resolve_model(reference), found, max_length, seed))
+
+    _guard(action)
