@@ -205,6 +205,11 @@ class EvaluationSection(Section):
     pairs: str | None = None
     limit: int = Field(50, ge=1)
     mode: Literal["sampled", "expected"] = "expected"
+    # Policy agreement, judge-free: after DPO, M_{t+1}'s implicit reward log pi(y|x) - log pi_ref(y|x) with
+    # M_t as the reference, as a classifier of the same held-out pairs (forward passes only).
+    policy: bool = False
+    # Tokens of prompt and answer the policy measure reads (the start is kept).
+    policy_max_length: int = Field(1024, ge=16)
 
 
 class LauncherSection(Section):

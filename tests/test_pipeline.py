@@ -108,6 +108,19 @@ def test_plain_transformers_runs_the_loop_and_its_records_do_not_depend_on_the_b
         assert getattr(runs[3], name)(1).read_bytes() == getattr(runs[16], name)(1).read_bytes(), name
 
 
+def test_the_loop_measures_policy_agreement_after_dpo_when_the_recipe_asks(tiny_model, tmp_path, scripted):
+    pairs = tmp_path / "human.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"A careful answer to question {i}.",
+                                         "rejected": "No."}) + "\n" for i in range(6)))
+    recipe = parse_recipe(tiny_recipe(tiny_model, iterations=1, evaluation={"pairs": str(pairs), "policy": True, "limit": 6}), "tiny")
+    run = RunDir(tmp_path / "run")
+    (row,) = loop.run(recipe, run, scripted)
+    result = json.loads(run.policy_eval(1).read_text())
+    assert result["n"] == 6 and result["reference"] == str(run.sft_model) and result["model"] == str(run.model(1))
+    assert row["policy_agreement"] == result["accuracy"] and row["policy_agreement_ci"].endswith("n=6")
+    assert run.done_record("iter1/evaluate") is not None  # the judge's agreement on the same pairs, as before
+
+
 class Crash(Exception):
     pass
 

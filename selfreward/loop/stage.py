@@ -15,7 +15,7 @@ from selfreward.recipe import Recipe
 from selfreward.run.directory import RunDir
 from selfreward.run.jsonl import read_jsonl
 from selfreward.run.units import Shard
-from selfreward.stages import MODEL, SFT, Stage, producer
+from selfreward.stages import MODEL, NEXT_MODEL, SFT, Stage, producer
 from selfreward.stages.context import Models, StageContext
 from selfreward.train.trainer import machine_rank
 
@@ -41,7 +41,7 @@ def run_stage(
     with run_dir.hold(key):
         if (done := run_dir.skip_if_done(key)) is not None:  # finished by another process while we waited
             return done
-        if stage.model == "train":
+        if stage.model in ("train", "forward"):
             models.close()  # generation and training never hold the accelerator together
         ctx = StageContext(recipe, run_dir, t, stage.name, models, shard)
         if stage.shardable and shard is None and recipe.backend.data_parallel_size > 1:
@@ -68,7 +68,7 @@ def _require_inputs(stage: Stage, recipe: Recipe, run_dir: RunDir, t: int) -> No
             if t == 1 and recipe.sft.enabled:
                 needed, command = SFT.done_key(0), "sft"
             elif t > 1:
-                dpo = producer(MODEL)
+                dpo = producer(NEXT_MODEL)
                 needed, command = dpo.done_key(t - 1), f"{dpo.name} --iteration {t - 1}"
             else:
                 continue  # M1 is the base model

@@ -8,6 +8,7 @@
     iter{t}/judgments.jsonl     k judgments per candidate                 {id, prompt_id, score, scores, judgments, parse_failures}
     iter{t}/pairs.jsonl         best vs worst per prompt, TRL columns     {id, prompt, chosen, rejected, ...}
     iter{t}/judge_eval.json     M_t as a judge against held-out human preferences (when the recipe asks)
+    iter{t}/policy_eval.json    M_{t+1}'s implicit reward against M_t on held-out human pairs (when the recipe asks)
     iter{t}/model/              M_{t+1}, DPO-trained from M_t (a plain HF checkpoint)
     iter{t}/dpo_log.jsonl       DPO's per-step training records             {step, loss, rewards/chosen, ...}
     iter{t}/metrics.json        counts and timings of the iteration
@@ -71,6 +72,13 @@ class RunDir:
 
     def judge_eval(self, t: int) -> Path:
         return self.iteration(t) / "judge_eval.json"
+
+    def policy_eval(self, t: int) -> Path:
+        return self.iteration(t) / "policy_eval.json"
+
+    def next_model(self, t: int) -> Path:
+        """M_{t+1}, DPO's output (the same folder as `model(t)`, named for the stage table)."""
+        return self.model(t)
 
     def model(self, t: int) -> Path:
         """M_{t+1}: the model trained in iteration t."""

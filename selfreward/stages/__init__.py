@@ -23,11 +23,12 @@ from typing import Any, Literal
 
 from selfreward.recipe import Recipe
 from selfreward.run.units import Shard
-from selfreward.stages import dpo, evaluate, generate, judging, pairs, prompts, sft
+from selfreward.stages import dpo, evaluate, generate, judging, pairs, policy, prompts, sft
 from selfreward.stages.context import StageContext
 from selfreward.train.trainer import launch
 
 MODEL = "model"  # in `reads`: M_t, the model the iteration starts from
+NEXT_MODEL = "next_model"  # M_{t+1}, the model the iteration ends with (iter{t}/model)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,9 @@ class Stage:
     # Run files read and written (RunDir method names); MODEL in `reads` is M_t.
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
-    # "generate": loads a model into a backend; "train": trains one (backends are closed first).
-    model: Literal["generate", "train"] | None = None
+    # "generate": loads a model into a backend; "train": trains one; "forward": loads models itself for
+    # forward passes only (backends are closed first for both).
+    model: Literal["generate", "train", "forward"] | None = None
     # Shardable stages write one file; `summarize(ctx, records)` gives its counts (after a merge too).
     summarize: Callable[[StageContext, list[dict]], dict[str, Any]] | None = None
     per_iteration: bool = True
@@ -125,8 +127,15 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "dpo", "DPO-train M_{t+1} from M_t on the pairs, reference M_t (iter{t}/model/).", Training(dpo.train),
-        reads=(MODEL, "pairs"), writes=(MODEL,), model="train",
+        reads=(MODEL, "pairs"), writes=(NEXT_MODEL,), model="train",
         metrics=(Metric("dpo_loss", "DPO loss first → last", lambda r: [r.get("first_loss"), r.get("last_loss")]),),
+    ),
+    Stage(
+        "policy", "M_{t+1}'s implicit reward against M_t as a judge of held-out human pairs (iter{t}/policy_eval.json; "
+        "recipe 'evaluation.policy').", policy.stage, reads=(MODEL, NEXT_MODEL), writes=("policy_eval",), model="forward",
+        enabled=policy.enabled,
+        metrics=(field("policy_agreement", "policy agreement % (held out)", "accuracy"),
+                 Metric("policy_agreement_ci", "  its 95 % CI, n", policy.interval)),
     ),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}

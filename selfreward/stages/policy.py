@@ -1,0 +1,32 @@
+"""Policy agreement: M_{t+1}'s implicit DPO reward against M_t as a judge of held-out human pairs (recipe
+`evaluation.policy`), judge-free: did this iteration move the policy toward what humans prefer?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from selfreward.judge.policy import evaluate_policy, human_pairs
+from selfreward.models import resolve_model
+from selfreward.run.jsonl import write_json_atomic
+from selfreward.stages.context import StageContext
+
+
+def stage(ctx: StageContext) -> dict[str, Any]:
+    """Written to iter{t}/policy_eval.json; the done record holds the same figures."""
+    config, t = ctx.recipe.evaluation, ctx.iteration
+    pairs = human_pairs(Path(config.ranked) if config.ranked else None, Path(config.pairs) if config.pairs else None, config.limit)
+    result = evaluate_policy(str(ctx.run_dir.next_model(t)), resolve_model(ctx.current_model), pairs, config.policy_max_length,
+                             ctx.recipe.seed, ctx.recipe.model.trust_remote_code)
+    write_json_atomic(ctx.run_dir.policy_eval(t), result)
+    return result
+
+
+def enabled(recipe) -> bool:
+    return recipe.evaluation.policy and bool(recipe.evaluation.ranked or recipe.evaluation.pairs)
+
+
+def interval(record: dict) -> str | None:
+    """The accuracy's 95 % CI and n, as the summary table shows them."""
+    low_high = record.get("accuracy_ci")
+    return f"[{low_high[0]}, {low_high[1]}], n={record['n']}" if low_high else None
