@@ -14,10 +14,13 @@ from selfreward.errors import UserError
 
 def _print_summary(recipe, run_dir) -> None:
     from selfreward.loop import iteration_metrics
+    from selfreward.loop.evidence import write_report
     from selfreward.loop.report import summary_table
 
     rows = [iteration_metrics(run_dir, t) for t in range(1, recipe.iterations + 1)]
     Console().print(summary_table(rows, run_dir.done_record("sft")))
+    html_path, md_path = write_report(recipe, run_dir)
+    console.print(f"report: {html_path} and {md_path}", highlight=False)
 
 
 @app.command()
@@ -111,7 +114,8 @@ def merge(
 
 @app.command()
 def report(recipe: RecipeOption, output: OutputOption) -> None:
-    """Print the summary table of a run (finished or not)."""
+    """Print the summary table of a run (finished or not) and write its report (RUN/report.html with plots,
+    RUN/report.md)."""
 
     def action() -> None:
         config, run_dir = _open(recipe, output, False, check=False)  # a report reads the run only
