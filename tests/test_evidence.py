@@ -73,3 +73,9 @@ def test_the_report_renders_in_a_browser_without_console_errors(finished_run, tm
                            html_path.resolve().as_uri()], capture_output=True, text=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000, done.stderr[-2000:]
     assert not [line for line in done.stderr.splitlines() if ":CONSOLE" in line], done.stderr[-2000:]
+
+
+def test_each_iteration_reuses_the_log_probabilities_its_reference_had_as_the_policy_before(finished_run):
+    _, run = finished_run
+    first, second = (json.loads(run.policy_eval(t).read_text()) for t in (1, 2))
+    assert second["reference"] == str(run.model(1)) and second["logprobs"]["reference"] == first["logprobs"]["model"]

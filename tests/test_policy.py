@@ -35,3 +35,9 @@ def test_agreement_counts_ties_half_and_reports_a_seeded_interval():
     assert result["n"] == 10 and result["not_computable"] == 1 and result["accuracy"] == 70.0
     low, high = result["accuracy_ci"]
     assert low < 70 < high and agreement([(1.0, 0.0)] * 6 + [(0.0, 0.0)] * 2 + [(0.0, 1.0)] * 2) == {**result, "not_computable": 0}
+
+
+def test_the_reference_side_can_come_from_before_and_gives_the_same_result(tiny_model):
+    first = evaluate_policy(tiny_model, tiny_model, PAIRS)
+    reused = evaluate_policy(tiny_model, "elsewhere", PAIRS, reference_logprobs=first["logprobs"]["model"])
+    assert reused["accuracy"] == first["accuracy"] and reused["logprobs"] == first["logprobs"]

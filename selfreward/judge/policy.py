@@ -10,6 +10,8 @@ rewards count half; a model against itself as reference gives equal rewards ever
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,16 +74,19 @@ def completion_logprobs(model, tokenizer, instruction: str, responses: Sequence[
     return values
 
 
-def implicit_rewards(model, reference, tokenizer, pairs: Sequence[HumanPair], max_length: int) -> list[tuple[float, float]]:
-    """(reward of chosen, reward of rejected) per pair, beta = 1."""
-    rewards = []
-    with progress_bar("policy agreement", len(pairs)) as advance:
+def pair_logprobs(model, tokenizer, pairs: Sequence[HumanPair], max_length: int, label: str) -> list[list[float]]:
+    """[log pi(chosen | x), log pi(rejected | x)] per pair."""
+    found = []
+    with progress_bar(label, len(pairs)) as advance:
         for pair in pairs:
-            policy = completion_logprobs(model, tokenizer, pair.instruction, [pair.chosen, pair.rejected], max_length)
-            base = completion_logprobs(reference, tokenizer, pair.instruction, [pair.chosen, pair.rejected], max_length)
-            rewards.append((policy[0] - base[0], policy[1] - base[1]))
+            found.append(completion_logprobs(model, tokenizer, pair.instruction, [pair.chosen, pair.rejected], max_length))
             advance()
-    return rewards
+    return found
+
+
+def pairs_digest(pairs: Sequence[HumanPair], max_length: int) -> str:
+    """What a stored set of log-probabilities was computed on: the pairs and the length limit."""
+    return hashlib.sha256(json.dumps([max_length] + [[p.instruction, p.chosen, p.rejected] for p in pairs]).encode()).hexdigest()[:16]
 
 
 def agreement(rewards: Sequence[tuple[float, float]], seed: int = 0, samples: int = BOOTSTRAP_SAMPLES) -> dict[str, Any]:
@@ -103,8 +108,10 @@ def agreement(rewards: Sequence[tuple[float, float]], seed: int = 0, samples: in
 
 
 def evaluate_policy(model_path: str, reference_path: str, pairs: Sequence[HumanPair], max_length: int = 1024,
-                    seed: int = 0, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Policy agreement of `model_path` against `reference_path` (its DPO reference, M_t) on `pairs`."""
+                    seed: int = 0, trust_remote_code: bool = False, reference_logprobs: list[list[float]] | None = None) -> dict[str, Any]:
+    """Policy agreement of `model_path` against `reference_path` (its DPO reference, M_t) on `pairs`.
+    `reference_logprobs`: the reference's log-probabilities of the same pairs, if already computed (the
+    loop keeps M_t's from the iteration before, where M_t was the policy); the result keeps both sides'."""
     from selfreward.models import load_causal_lm, load_tokenizer
     from selfreward.precision import default_device
 
@@ -112,6 +119,10 @@ def evaluate_policy(model_path: str, reference_path: str, pairs: Sequence[HumanP
     device = default_device()
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     model = load_causal_lm(model_path, "float32", trust_remote_code, device).eval()
-    reference = model if reference_path == model_path else load_causal_lm(reference_path, "float32", trust_remote_code, device).eval()
-    result = agreement(implicit_rewards(model, reference, tokenizer, pairs, max_length), seed)
-    return {**result, "model": model_path, "reference": reference_path, "seconds": round(time.perf_counter() - started, 1)}
+    policy = pair_logprobs(model, tokenizer, pairs, max_length, "policy agreement: M_{t+1}")
+    if reference_logprobs is None:
+        reference = model if reference_path == model_path else load_causal_lm(reference_path, "float32", trust_remote_code, device).eval()
+        reference_logprobs = policy if reference is model else pair_logprobs(reference, tokenizer, pairs, max_length, "policy agreement: M_t")
+    rewards = [(p[0] - r[0], p[1] - r[1]) for p, r in zip(policy, reference_logprobs)]
+    return {**agreement(rewards, seed), "model": model_path, "reference": reference_path, "pairs_digest": pairs_digest(pairs, max_length),
+            "logprobs": {"model": policy, "reference": reference_logprobs}, "seconds": round(time.perf_counter() - started, 1)}

@@ -21,7 +21,7 @@ from typing import Any
 from selfreward.loop.iterate import iteration_metrics
 from selfreward.recipe import Recipe, recipe_yaml
 from selfreward.run.directory import RunDir
-from selfreward.run.jsonl import read_jsonl, write_atomic
+from selfreward.run.jsonl import read_json, read_jsonl, write_atomic
 from selfreward.stages import ITERATION
 
 
@@ -50,9 +50,7 @@ def _read(path: Path) -> list[dict]:
 
 
 def _json(path: Path) -> dict | None:
-    import json
-
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def figures(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:

@@ -76,6 +76,18 @@ def _numbered_lines(path: Path, handle) -> Iterator[tuple[int, bytes]]:
         raise UserError(f"{path}: not a readable gzip file ({error})") from None
 
 
+def read_json(path: str | Path) -> Any:
+    """A whole JSON file; a UserError naming it if it is missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error}); the stage that wrote it can be rerun after deleting it "
+                        "and its done/ record") from None
+
+
 def repair_tail(path: Path) -> int:
     """Drop a torn last line (no trailing newline) left by a crash; return the bytes removed."""
     if not path.exists():
