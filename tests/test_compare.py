@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from typer.testing import CliRunner
 
 from selfreward.cli import app
 from selfreward.judge.compare import lc_win_rate
+from tests.conftest import send_json, serving
 
 RESPONSE = re.compile(r"<response_(a|b)>\n(.*?)\n</response_\1>", re.S)
 
@@ -30,12 +30,7 @@ class Judge(BaseHTTPRequestHandler):
         found = dict(RESPONSE.findall(prompt))
         verdict = Judge.policy(found["a"], found["b"])
         text = f"Both are fine.\nWinner: {verdict}" if verdict in ("A", "B") else verdict
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}] * body["n"]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}] * body["n"]})
 
     def log_message(self, *args):
         pass
@@ -44,10 +39,8 @@ class Judge(BaseHTTPRequestHandler):
 @pytest.fixture()
 def endpoint():
     Judge.requests = 0
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serving(Judge) as url:
+        yield url
 
 
 def answer_sets(tmp_path, n: int = 60, model_longer: int = 48):

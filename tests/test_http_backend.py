@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -12,6 +11,7 @@ from selfreward.backends.base import Sampling
 from selfreward.backends.http import HttpBackend
 from selfreward.errors import UserError
 from selfreward.judge import Judge, JudgeItem
+from tests.conftest import send_json, serving
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -32,12 +32,7 @@ class Handler(BaseHTTPRequestHandler):
             choices = [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}] * body["n"]
         else:
             choices = [{"text": content, "finish_reason": "length"}] * body["n"]
-        payload = json.dumps({"choices": choices, "usage": {"completion_tokens": 9 * body["n"]}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, {"choices": choices, "usage": {"completion_tokens": 9 * body["n"]}})
 
     def log_message(self, *args):
         pass
@@ -46,11 +41,8 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture()
 def server():
     Handler.requests, Handler.failures_left = [], 0
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serving(Handler) as url:
+        yield url
 
 
 def test_chat_judging_through_an_endpoint(server):

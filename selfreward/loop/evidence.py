@@ -19,6 +19,7 @@ from statistics import mean, median
 from typing import Any
 
 from selfreward.loop.iterate import iteration_metrics
+from selfreward.loop.report import cell
 from selfreward.recipe import Recipe, recipe_yaml
 from selfreward.run.directory import RunDir
 from selfreward.run.jsonl import read_json, read_jsonl, write_atomic
@@ -181,43 +182,35 @@ def plots(data: dict[str, Any]) -> dict[str, str]:
 
 # --- tables and pages ----------------------------------------------------------------------------------
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_cell(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items())
-    return str(value)
+def _interval(ci: list[float] | None) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-"
 
 
 def tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) of every table the report holds."""
     rows = data["iterations"]
     header = [""] + [f"iter {row['iteration']}" for row in rows]
-    metrics = [[metric.label] + [_cell(row["metrics"].get(metric.name)) for row in rows]
+    metrics = [[metric.label] + [cell(row["metrics"].get(metric.name)) for row in rows]
                for stage in ITERATION for metric in stage.metrics]
     lengths = [
-        ["responses", *(_cell(row["responses"]) for row in rows)],
-        ["median response tokens", *(_cell(row["median_response_tokens"]) for row in rows)],
-        ["cut at max tokens", *(f"{row['cut_at_max_tokens']} ({_cell(row['cut_at_max_tokens_percent'])} %)" for row in rows)],
-        ["mean chosen / rejected chars", *(f"{_cell(mean(row['chosen_chars']) if row['chosen_chars'] else None)} / "
-                                           f"{_cell(mean(row['rejected_chars']) if row['rejected_chars'] else None)}" for row in rows)],
+        ["responses", *(cell(row["responses"]) for row in rows)],
+        ["median response tokens", *(cell(row["median_response_tokens"]) for row in rows)],
+        ["cut at max tokens", *(f"{row['cut_at_max_tokens']} ({cell(row['cut_at_max_tokens_percent'])} %)" for row in rows)],
+        ["mean chosen / rejected chars", *(f"{cell(mean(row['chosen_chars']) if row['chosen_chars'] else None)} / "
+                                           f"{cell(mean(row['rejected_chars']) if row['rejected_chars'] else None)}" for row in rows)],
     ]
     agreement = []
     for part in ("ranked", "pairs"):
         values = [row["judge_agreement"][part] for row in rows]
         if any(values):
             agreement.append([f"judge ({part}) % [95 % CI], n"] + [
-                f"{_cell(v['judge'])} {_cell(v['judge_ci'])}, n={v['n']}" if v else "-" for v in values])
-            agreement.append([f"longer answer wins ({part}) %"] + [_cell(v["length_baseline"]) if v else "-" for v in values])
+                f"{cell(v['judge'])} {_interval(v['judge_ci'])}, n={v['n']}" if v else "-" for v in values])
+            agreement.append([f"longer answer wins ({part}) %"] + [cell(v["length_baseline"]) if v else "-" for v in values])
     policy = [row["policy_agreement"] for row in rows]
     if any(policy):
         agreement.append(["policy, M_{t+1} vs M_t % [95 % CI], n"] + [
-            f"{_cell(p['accuracy'])} {_cell(p['accuracy_ci'])}, n={p['n']}" if p else "-" for p in policy])
-    seconds = [[f"{stage.name} seconds"] + [_cell(row["metrics"]["seconds"].get(stage.name)) for row in rows] for stage in ITERATION]
+            f"{cell(p['accuracy'])} {_interval(p['accuracy_ci'])}, n={p['n']}" if p else "-" for p in policy])
+    seconds = [[f"{stage.name} seconds"] + [cell(row["metrics"]["seconds"].get(stage.name)) for row in rows] for stage in ITERATION]
     found = [("Per iteration", header, metrics), ("Lengths", header, lengths)]
     if agreement:
         found.append(("Agreement with humans (held out)", header, agreement))
@@ -228,8 +221,8 @@ def tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
 def markdown(data: dict[str, Any]) -> str:
     sft = data["sft"] or {}
     lines = [f"# selfreward run: {data['name']}", "",
-             f"SFT: {_cell(sft.get('examples'))} examples, loss {_cell(sft.get('first_loss'))} → {_cell(sft.get('last_loss'))}, "
-             f"{_cell(sft.get('seconds'))} s. Plots: report.html.", ""]
+             f"SFT: {cell(sft.get('examples'))} examples, loss {cell(sft.get('first_loss'))} → {cell(sft.get('last_loss'))}, "
+             f"{cell(sft.get('seconds'))} s. Plots: report.html.", ""]
     for title, header, rows in tables(data):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -247,8 +240,8 @@ def page(data: dict[str, Any], images: dict[str, str]) -> str:
     sft = data["sft"] or {}
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>selfreward run: {html.escape(data['name'])}</title>",
              f"<style>{STYLE}</style></head><body><h1>selfreward run: {html.escape(data['name'])}</h1>",
-             f"<p>SFT: {_cell(sft.get('examples'))} examples, loss {_cell(sft.get('first_loss'))} → {_cell(sft.get('last_loss'))}, "
-             f"{_cell(sft.get('seconds'))} s.</p>"]
+             f"<p>SFT: {cell(sft.get('examples'))} examples, loss {cell(sft.get('first_loss'))} → {cell(sft.get('last_loss'))}, "
+             f"{cell(sft.get('seconds'))} s.</p>"]
     for title, header, rows in tables(data):
         parts.append(f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]

@@ -21,19 +21,20 @@ def summary_table(rows: list[dict[str, Any]], sft: dict | None) -> Table:
         table.add_column(f"iter {row['iteration']}", justify="right")
     for stage in ITERATION:
         for metric in stage.metrics:
-            table.add_row(metric.label, *(_cell(row.get(metric.name)) for row in rows))
+            table.add_row(metric.label, *(cell(row.get(metric.name)) for row in rows))
     for stage in ITERATION:
-        table.add_row(f"{stage.name} seconds", *(_cell(row["seconds"].get(stage.name)) for row in rows))
+        table.add_row(f"{stage.name} seconds", *(cell(row["seconds"].get(stage.name)) for row in rows))
     return table
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A figure as the summary and the report show it (a [first, last] list as "first → last")."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.2f}"
     if isinstance(value, list):
-        return " → ".join(_cell(v) for v in value)
+        return " → ".join(cell(v) for v in value)
     if isinstance(value, dict):
-        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items())
+        return ", ".join(f"{k} {cell(v)}" for k, v in value.items())
     return str(value)
