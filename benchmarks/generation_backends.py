@@ -1,5 +1,6 @@
-"""(a) Generation, side by side in one run: a naive per-prompt `generate` loop vs our transformers backend vs
-our vLLM backend, on the same prompts, model and sampling.
+"""(a) Generation, side by side in one run: a naive per-prompt `generate` loop vs our transformers backend on
+plain transformers (`backend.cpu_engine: off`: batched `generate`) and on the CPU engine vs our vLLM backend, on
+the same prompts, model and sampling.
 
     python -m benchmarks.generation_backends --model embedded:gemma3-270m --prompts 16 --n 4 --tokens 64
 
@@ -70,10 +71,10 @@ def naive(model_path: str, prompts: int, n: int, sampling: Sampling) -> dict:
     return {"path": "naive per-prompt generate", "load_s": loaded, "generate_s": time.perf_counter() - started, "tokens": generated}
 
 
-def ours(kind: str, model_path: str, prompts: int, n: int, sampling: Sampling, batch_size: int) -> dict:
+def ours(kind: str, model_path: str, prompts: int, n: int, sampling: Sampling, batch_size: int, cpu_engine: str = "auto") -> dict:
     keep_freed_memory()  # what every selfreward command sets first (the naive row runs before, without it)
     started = time.perf_counter()
-    backend = open_backend(model_path, BackendSection(kind=kind, batch_size=batch_size))
+    backend = open_backend(model_path, BackendSection(kind=kind, batch_size=batch_size, cpu_engine=cpu_engine))
     loaded = time.perf_counter() - started
     texts = chats(backend.tokenizer, prompts)
     # Warm-up on the timed call's shape (as many prompts, n samples, so rows join and leave as they will),
@@ -85,7 +86,8 @@ def ours(kind: str, model_path: str, prompts: int, n: int, sampling: Sampling, b
     outputs = backend.generate(texts, n, sampling)
     seconds = time.perf_counter() - started
     backend.close()
-    return {"path": f"selfreward {kind}", "load_s": loaded, "generate_s": seconds, "tokens": sum(c.tokens for row in outputs for c in row)}
+    path = f"selfreward {kind}" + (f" ({backend.path})" if kind == "transformers" else "")
+    return {"path": path, "load_s": loaded, "generate_s": seconds, "tokens": sum(c.tokens for row in outputs for c in row)}
 
 
 def main() -> None:
@@ -95,7 +97,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--tokens", type=int, default=64, help="max new tokens per sample")
     parser.add_argument("--batch-size", type=int, default=64, help="rows our backends decode at once")
-    parser.add_argument("--skip", default="", help="comma list of paths to leave out: naive, transformers, vllm")
+    parser.add_argument("--skip", default="", help="comma list of paths to leave out: naive, plain, transformers, vllm")
     parser.add_argument("--no-cudnn-attention", action="store_true", help="keep attention off cuDNN (a GPU experiment)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/generation_backends.json"))
     args = parser.parse_args()
@@ -110,6 +112,8 @@ def main() -> None:
     rows = []
     if "naive" not in skip:
         rows.append(naive(model, args.prompts, args.n, sampling))
+    if "plain" not in skip:  # the transformers backend without the CPU engine (backend.cpu_engine: off)
+        rows.append(ours("transformers", model, args.prompts, args.n, sampling, args.batch_size, "off"))
     if "transformers" not in skip:
         rows.append(ours("transformers", model, args.prompts, args.n, sampling, args.batch_size))
     if "vllm" not in skip and vllm_available():
