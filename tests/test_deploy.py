@@ -72,7 +72,7 @@ def k8s_commands() -> list[list[str]]:
 
 def test_every_command_the_kubernetes_jobs_run_exists_with_its_flags():
     commands = k8s_commands()
-    assert [c[0] for c in commands] == ["sft", "prompts", "generate", "merge", "judge", "merge", "evaluate", "pairs", "dpo", "policy"]
+    assert [c[0] for c in commands] == ["sft", "prompts", "generate", "merge", "judge", "merge", "evaluate", "pairs", "dpo", "policy", "report"]
     for argv in commands:
         cli_accepts(argv)
 
@@ -84,7 +84,7 @@ def test_every_command_the_slurm_jobs_run_exists_with_its_flags(tiny_model, tmp_
                                       "--sbatch=--partition=gpu", "--dry-run"])
     assert result.exit_code == 0, result.output
     scripts = sorted((tmp_path / "run" / "slurm").glob("*.sbatch"))
-    assert len(scripts) == 1 + 2 * 7  # SFT, then per iteration: prompts, generate + merge, judge + merge, pairs, dpo
+    assert len(scripts) == 1 + 2 * 7 + 1  # SFT, then per iteration: prompts, generate + merge, judge + merge, pairs, dpo; the report
     for script in scripts:
         text = script.read_text()
         assert "#SBATCH --requeue" in text and "#SBATCH --partition=gpu" in text

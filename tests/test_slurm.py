@@ -92,7 +92,7 @@ def test_one_iteration_as_slurm_jobs_ends_like_a_local_run(cluster, tiny_model, 
     local_run(recipe, tmp_path / "local")
     jobs = submit(recipe, tmp_path / "cluster", "--shards", "2")
     assert [name for name, _ in jobs] == ["sft", "iter1-prompts", "iter1-generate", "iter1-generate-merge", "iter1-judge",
-                                          "iter1-judge-merge", "iter1-pairs", "iter1-dpo"]
+                                          "iter1-judge-merge", "iter1-pairs", "iter1-dpo", "report"]
     cluster.wait_idle(900)
     for name, job_id in jobs:
         assert cluster.job(job_id)["JobState"] == "COMPLETED", (name, cluster.job(job_id))

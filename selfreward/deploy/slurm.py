@@ -57,6 +57,7 @@ def plan(recipe: Recipe, iterations: list[int], shards: int) -> list[Job]:
             if not stage.enabled(recipe):
                 continue
             jobs += _stage_jobs(stage, recipe, t, shards)
+    jobs.append(Job("report", ["report"]))  # the run's report.html and report.md, from what the jobs wrote
     return jobs
 
 
