@@ -76,10 +76,6 @@ class RunDir:
     def policy_eval(self, t: int) -> Path:
         return self.iteration(t) / "policy_eval.json"
 
-    def next_model(self, t: int) -> Path:
-        """M_{t+1}, DPO's output (the same folder as `model(t)`, named for the stage table)."""
-        return self.model(t)
-
     def model(self, t: int) -> Path:
         """M_{t+1}: the model trained in iteration t."""
         return self.iteration(t) / "model"

@@ -78,11 +78,10 @@ def _numbered_lines(path: Path, handle) -> Iterator[tuple[int, bytes]]:
 
 def read_json(path: str | Path) -> Any:
     """A whole JSON file; a UserError naming it if it is missing or not JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{path}: not valid JSON ({error}); the stage that wrote it can be rerun after deleting it "
                         "and its done/ record") from None

@@ -64,7 +64,7 @@ class Stage:
     name: str
     help: str
     run: Callable[[StageContext], dict[str, Any]]
-    # Run files read and written (RunDir method names); MODEL in `reads` is M_t.
+    # Run files read and written (RunDir method names), and the models: MODEL is M_t, NEXT_MODEL M_{t+1}.
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     # "generate": loads a model into a backend; "train": trains one; "forward": loads models itself for

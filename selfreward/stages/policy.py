@@ -20,7 +20,7 @@ def stage(ctx: StageContext) -> dict[str, Any]:
     # M_t was the policy of the iteration before: its log-probabilities of the same pairs are on disk.
     before = read_json(ctx.run_dir.policy_eval(t - 1)) if t > 1 and ctx.run_dir.policy_eval(t - 1).exists() else None
     reuse = before["logprobs"]["model"] if before and before.get("pairs_digest") == pairs_digest(pairs, config.policy_max_length) else None
-    result = evaluate_policy(str(ctx.run_dir.next_model(t)), resolve_model(ctx.current_model), pairs, config.policy_max_length,
+    result = evaluate_policy(str(ctx.run_dir.model(t)), resolve_model(ctx.current_model), pairs, config.policy_max_length,
                              ctx.recipe.seed, ctx.recipe.model.trust_remote_code, reuse)
     write_json_atomic(ctx.run_dir.policy_eval(t), result)
     return {key: value for key, value in result.items() if key != "logprobs"}
