@@ -196,6 +196,31 @@ class JudgeSection(SamplingSection):
     unit_size: int = Field(16, ge=1)
 
 
+class HeadToHeadSection(Section):
+    """M_{t+1} against M_t on held-out instructions, judged in both orders by one fixed judge (`selfreward
+    compare`'s method), after every iteration's DPO."""
+
+    # Instructions: a JSON list or JSONL with `instruction` (e.g. AlpacaEval's); None = not measured. Those
+    # that are also seed IFT instructions are dropped and counted.
+    instructions: str | None = None
+    # The judge, never the models being compared: a model (on a laptop the base model) or, with
+    # `endpoint`, the served model's name (its key from OPENAI_API_KEY).
+    judge: str | None = None
+    endpoint: str | None = None
+    api: Literal["chat", "completions"] = "chat"
+    mode: Literal["sampled", "expected"] = "sampled"
+    limit: int = Field(50, ge=1)
+    # Most new tokens of each model's greedy answer, and of a judge's verdict.
+    answer_tokens: int = Field(256, ge=1)
+    verdict_tokens: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _judge_named(self):
+        if self.instructions and not self.judge:
+            raise ValueError("evaluation.head_to_head.judge: name the fixed judge (a model or, with endpoint, a served model)")
+        return self
+
+
 class EvaluationSection(Section):
     """Judge agreement with humans, measured with M_t at every iteration on held-out data (not trained on)."""
 
@@ -210,6 +235,7 @@ class EvaluationSection(Section):
     policy: bool = False
     # Tokens of prompt and answer the policy measure reads (the start is kept).
     policy_max_length: int = Field(1024, ge=16)
+    head_to_head: HeadToHeadSection = HeadToHeadSection()
 
 
 class LauncherSection(Section):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -148,3 +149,32 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, endpoint):
 def test_lc_win_rate_is_finite_for_a_perfectly_separating_judge():
     assert 95 < lc_win_rate([1.0] * 50, [100] * 50, [10] * 50) < 100
     assert lc_win_rate([0.5] * 10, list(range(10)), [5] * 10) == pytest.approx(50.0)
+
+
+def test_the_loop_compares_each_new_model_with_the_one_before_by_a_fixed_judge(tiny_model, tmp_path, endpoint):
+    from selfreward import loop
+    from selfreward.recipe import parse_recipe
+    from selfreward.run.directory import RunDir
+    from tests.test_pipeline import Scripted, tiny_recipe
+
+    instructions = tmp_path / "held_out.jsonl"
+    seen = json.loads((Path("data/ift.jsonl").read_text().splitlines()[0]))["instruction"]
+    instructions.write_text("".join(json.dumps({"instruction": text}) + "\n" for text in [seen] + [f"Name {i} colours." for i in range(5)]))
+    Judge.policy = staticmethod(lambda a, b: "A")
+    recipe = parse_recipe(tiny_recipe(tiny_model, evaluation={"head_to_head": {
+        "instructions": str(instructions), "judge": "fake-judge", "endpoint": endpoint, "answer_tokens": 8}}), "tiny")
+    run = RunDir(tmp_path / "run")
+    rows = loop.run(recipe, run, Scripted())
+    for t, row in enumerate(rows, start=1):
+        result = json.loads(run.head_to_head(t).read_text())
+        assert result["summary"]["n"] == 5 and run.done_record(f"iter{t}/head-to-head")["dropped_seen_in_seeds"] == 1
+        assert result["model"] == str(run.model(t)) and result["baseline"] == (str(run.sft_model) if t == 1 else str(run.model(1)))
+        assert row["head_to_head_win_rate"] == 50.0 and row["head_to_head_ci"].endswith("n=5")  # an "A"-only judge: all ties
+    # M2's answers of iteration 1 are iteration 2's baseline: not generated again.
+    assert not (run.iteration(2) / "head_to_head.json.baseline_outputs.json").exists()
+    assert Judge.requests == 2 * 5 * 2  # two orders per item, two iterations
+    from selfreward.loop.evidence import write_report
+
+    _, markdown = write_report(recipe, run)
+    ci = json.loads(run.head_to_head(1).read_text())["summary"]["win_rate_ci"]
+    assert f"| M_{{t+1}} vs M_t win rate % [95 % CI], n | 50.00 [{ci[0]:.2f}, {ci[1]:.2f}], n=5 |" in markdown.read_text()

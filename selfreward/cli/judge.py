@@ -219,8 +219,7 @@ def _answers(side: str, ref: str, instructions: list[str], output: Path, backend
     """One answer per instruction from `ref`: an answers file (JSON list or JSONL of {instruction, output}),
     or a model that answers greedily; a model's answers are written beside the output in AlpacaEval's
     model_outputs.json format (and reused by a rerun)."""
-    from selfreward.backends.base import Sampling
-    from selfreward.judge.compare import load_answers, write_answers
+    from selfreward.judge.compare import generate_answers, load_answers, write_answers
     from selfreward.models import resolve_model
 
     path = Path(ref)
@@ -234,15 +233,7 @@ def _answers(side: str, ref: str, instructions: list[str], output: Path, backend
             pass  # other instructions than last time: answer again
     backend = opener(resolve_model(ref), BackendSection(kind=backend_kind))
     try:
-        prompts = [backend.chat_prompt([{"role": "user", "content": text}]) for text in instructions]
-        outputs: list[str] = []
-        from selfreward.progress import progress_bar
-
-        with progress_bar(f"answers of {side}", len(prompts)) as advance:
-            for start in range(0, len(prompts), backend.chunk_prompts):
-                chunk = prompts[start : start + backend.chunk_prompts]
-                outputs += [row[0].text for row in backend.generate(chunk, 1, Sampling(temperature=0.0, max_new_tokens=max_new_tokens))]
-                advance(len(chunk))
+        outputs = generate_answers(backend, instructions, max_new_tokens, f"answers of {side}")
     finally:
         backend.close()
     write_answers(saved, instructions, outputs, ref)

@@ -95,6 +95,20 @@ def load_answers(path: Path, instructions: Sequence[str]) -> list[str]:
     return [answers[text] for text in instructions]
 
 
+def generate_answers(backend, instructions: Sequence[str], max_new_tokens: int, label: str) -> list[str]:
+    """One greedy answer per instruction from a backend's model, as the user's turn of its chat template."""
+    from selfreward.backends.base import Sampling
+
+    prompts = [backend.chat_prompt([{"role": "user", "content": text}]) for text in instructions]
+    outputs: list[str] = []
+    with progress_bar(label, len(prompts)) as advance:
+        for start in range(0, len(prompts), backend.chunk_prompts):
+            chunk = prompts[start : start + backend.chunk_prompts]
+            outputs += [row[0].text for row in backend.generate(chunk, 1, Sampling(temperature=0.0, max_new_tokens=max_new_tokens))]
+            advance(len(chunk))
+    return outputs
+
+
 def write_answers(path: Path, instructions: Sequence[str], outputs: Sequence[str], generator: str) -> None:
     """Answers in AlpacaEval's model_outputs.json format, so that its own judges can read them too."""
     write_json_atomic(path, [{"instruction": i, "output": o, "generator": generator} for i, o in zip(instructions, outputs)])

@@ -20,6 +20,7 @@ def check_inputs(recipe: Recipe, source: str) -> None:
         "data.ift": recipe.data.ift, "data.eft": recipe.data.eft, "prompts.template": recipe.prompts.template,
         "judge.template": recipe.judge.template, "evaluation.ranked": recipe.evaluation.ranked,
         "evaluation.pairs": recipe.evaluation.pairs, "launcher.config_file": recipe.launcher.config_file,
+        "evaluation.head_to_head.instructions": recipe.evaluation.head_to_head.instructions,
     }
     oasst1 = recipe.data.oasst1
     if oasst1 and (Path(oasst1).suffix in {".jsonl", ".json", ".parquet", ".gz"} or oasst1.startswith((".", "/", "~"))):
@@ -27,7 +28,8 @@ def check_inputs(recipe: Recipe, source: str) -> None:
     for key, value in files.items():
         if value is not None and not Path(value).expanduser().exists():
             raise UserError(f"{source}: {key}: '{value}' not found (relative paths start from {Path.cwd()})")
-    for key, ref in (("model.base", recipe.model.base), ("prompts.model", recipe.prompts.model)):
+    judge = None if recipe.evaluation.head_to_head.endpoint else recipe.evaluation.head_to_head.judge
+    for key, ref in (("model.base", recipe.model.base), ("prompts.model", recipe.prompts.model), ("evaluation.head_to_head.judge", judge)):
         try:
             if ref:
                 check_model_reference(ref)

@@ -60,6 +60,7 @@ def figures(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     for t in range(1, recipe.iterations + 1):
         responses, judgments, pairs = _read(run_dir.responses(t)), _read(run_dir.judgments(t)), _read(run_dir.pairs(t))
         judge_eval, policy_eval = _json(run_dir.judge_eval(t)), _json(run_dir.policy_eval(t))
+        head_to_head = _json(run_dir.head_to_head(t))
         tokens = [r["tokens"] for r in responses]
         scores = [s for j in judgments for s in j["scores"] if s is not None]
         iterations.append({
@@ -77,6 +78,7 @@ def figures(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
             "judge_agreement": {part: _agreement((judge_eval or {}).get(part)) for part in ("ranked", "pairs")},
             "policy_agreement": None if policy_eval is None else {
                 key: policy_eval.get(key) for key in ("n", "accuracy", "accuracy_ci", "ties", "mean_margin")},
+            "head_to_head": head_to_head and head_to_head["summary"],
             "dpo_log": _read(run_dir.dpo_log(t)),
         })
     return {"name": recipe.name, "iterations": iterations, "sft": run_dir.done_record("sft"),
@@ -136,6 +138,17 @@ def plots(data: dict[str, Any]) -> dict[str, str]:
             axes.axhline(50, color="grey", linewidth=0.8)
             axes.set(xlabel="iteration t", ylabel="accuracy %", title="Policy agreement with humans (implicit reward)", xticks=xs)
         found["Policy agreement with humans"] = _png(draw_policy)
+
+    duels = [row["head_to_head"] for row in rows]
+    if any(duels):
+        def draw_duels(figure):
+            axes = figure.add_subplot()
+            _errorbars(axes, xs, [d and d["win_rate"] for d in duels], [d and d["win_rate_ci"] for d in duels], "win rate")
+            axes.plot([x for x, d in zip(xs, duels) if d], [d["lc_win_rate"] for d in duels if d], "s--", label="length-controlled")
+            axes.axhline(50, color="grey", linewidth=0.8)
+            axes.set(xlabel="iteration t", ylabel="% (ties half)", title="M_{t+1} vs M_t, fixed judge, both orders", xticks=xs)
+            axes.legend()
+        found["Head to head: M_{t+1} vs M_t"] = _png(draw_duels)
 
     if any(sum(row["score_counts"]) for row in rows):
         def draw_scores(figure):
@@ -210,10 +223,16 @@ def tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
     if any(policy):
         agreement.append(["policy, M_{t+1} vs M_t % [95 % CI], n"] + [
             f"{cell(p['accuracy'])} {_interval(p['accuracy_ci'])}, n={p['n']}" if p else "-" for p in policy])
+    duels = [row["head_to_head"] for row in rows]
+    if any(duels):
+        agreement.append(["M_{t+1} vs M_t win rate % [95 % CI], n"] + [
+            f"{cell(d['win_rate'])} {_interval(d['win_rate_ci'])}, n={d['n']}" if d else "-" for d in duels])
+        agreement.append(["  length-controlled %, position consistency %"] + [
+            f"{cell(d['lc_win_rate'])}, {cell(d['position_consistency'])}" if d else "-" for d in duels])
     seconds = [[f"{stage.name} seconds"] + [cell(row["metrics"]["seconds"].get(stage.name)) for row in rows] for stage in ITERATION]
     found = [("Per iteration", header, metrics), ("Lengths", header, lengths)]
     if agreement:
-        found.append(("Agreement with humans (held out)", header, agreement))
+        found.append(("Held-out evidence: agreement with humans, head to head", header, agreement))
     found.append(("Time per stage", header, seconds))
     return found
 

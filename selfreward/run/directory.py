@@ -73,6 +73,10 @@ class RunDir:
     def judge_eval(self, t: int) -> Path:
         return self.iteration(t) / "judge_eval.json"
 
+    def head_to_head(self, t: int) -> Path:
+        """M_{t+1} vs M_t by a fixed judge; its answers beside it (head_to_head.<side>_outputs.json)."""
+        return self.iteration(t) / "head_to_head.json"
+
     def policy_eval(self, t: int) -> Path:
         return self.iteration(t) / "policy_eval.json"
 

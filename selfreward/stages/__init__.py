@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from selfreward.recipe import Recipe
 from selfreward.run.units import Shard
-from selfreward.stages import dpo, evaluate, generate, judging, pairs, policy, prompts, sft
+from selfreward.stages import dpo, evaluate, generate, head_to_head, judging, pairs, policy, prompts, sft
 from selfreward.stages.context import StageContext
 from selfreward.train.trainer import launch
 
@@ -136,6 +136,14 @@ STAGES: tuple[Stage, ...] = (
         enabled=policy.enabled,
         metrics=(field("policy_agreement", "policy agreement % (held out)", "accuracy"),
                  Metric("policy_agreement_ci", "  its 95 % CI, n", policy.interval)),
+    ),
+    Stage(
+        "head-to-head", "M_{t+1} vs M_t on held-out instructions, judged in both orders by a fixed judge "
+        "(iter{t}/head_to_head.json; recipe 'evaluation.head_to_head').", head_to_head.stage,
+        reads=(MODEL, NEXT_MODEL), writes=("head_to_head",), model="generate", enabled=head_to_head.enabled,
+        metrics=(field("head_to_head_win_rate", "M_{t+1} vs M_t win rate %", "win_rate"),
+                 Metric("head_to_head_ci", "  its 95 % CI, n", head_to_head.interval),
+                 field("head_to_head_lc_win_rate", "  length-controlled %", "lc_win_rate")),
     ),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
