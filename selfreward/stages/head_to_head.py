@@ -9,8 +9,10 @@ from typing import Any
 
 from selfreward.backends.base import Sampling
 from selfreward.data.seeds import load_seeds
+from selfreward.errors import UserError
 from selfreward.judge import Judge
 from selfreward.judge.compare import Item, generate_answers, item_id, load_answers, load_instructions, run_compare, write_answers
+from selfreward.models import resolve_model
 from selfreward.stages.context import StageContext
 
 
@@ -51,6 +53,9 @@ def stage(ctx: StageContext) -> dict[str, Any]:
 
         backend = HttpBackend(config.endpoint, config.judge, api=config.api, api_key=os.environ.get("OPENAI_API_KEY"))
     else:
+        compared = {str(Path(m).resolve()) for m in (str(run_dir.model(t)), resolve_model(ctx.current_model))}
+        if str(Path(resolve_model(config.judge)).resolve()) in compared:
+            raise UserError(f"evaluation.head_to_head.judge: '{config.judge}' is one of the models it would compare; name a fixed judge")
         backend = ctx.backend(config.judge)
     judge = Judge(backend, None, config.mode, 1, Sampling(0.7, 0.9, config.verdict_tokens, seed=recipe.seed))
     items = [Item(item_id(text, a, b), text, a, b) for text, a, b in zip(instructions, model, baseline)]
