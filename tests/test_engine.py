@@ -147,3 +147,9 @@ def test_cpu_engine_on_with_an_untested_architecture_stops_the_stage_with_one_li
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error: backend.cpu_engine: on, but architecture 'gpt2'"), result.output
     assert "Traceback" not in result.output
+
+
+def test_without_its_constraints_file_the_engine_counts_nothing_as_tested():
+    """A package built without the file (as the image once was) runs plain transformers, saying why."""
+    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))
+    assert "constraints.txt is missing" in engine.unsupported(model, "cpu", engine.tested_versions(), tested={})

@@ -48,25 +48,33 @@ def _release(version: str) -> str:
 
 
 def tested_versions() -> dict[str, str]:
-    """The release of each of `LIBRARIES` that CI installs, read from constraints.txt."""
-    text = resources.files(__name__).joinpath("constraints.txt").read_text(encoding="utf-8")
+    """The release of each of `LIBRARIES` that CI installs, read from constraints.txt (none that the file,
+    or a pin in it, is missing: then nothing counts as tested)."""
+    try:
+        text = resources.files(__name__).joinpath("constraints.txt").read_text(encoding="utf-8")
+    except OSError:
+        return {}
     pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", text, re.M))
-    return {name: _release(pins[name]) for name in LIBRARIES}
+    return {name: _release(pins[name]) for name in LIBRARIES if name in pins}
 
 
 def installed_versions() -> dict[str, str]:
     return {name: _release(metadata.version(name)) for name in LIBRARIES}
 
 
-def unsupported(model, device: str, installed: dict[str, str] | None = None) -> str | None:
+def unsupported(model, device: str, installed: dict[str, str] | None = None, tested: dict[str, str] | None = None) -> str | None:
     """Why the engine would run `model` on `device` untested (None if it would not): a device other than a
-    CPU, a torch or transformers release other than CI's, or an architecture off the tested list."""
+    CPU, a torch or transformers release other than CI's, or an architecture off the tested list. `installed`
+    and `tested` stand for the installed and the tested releases (tests pass others)."""
     if device != "cpu":
         return f"the model runs on {device}, and the engine is for CPUs"
     installed = installed or installed_versions()
-    for name, version in tested_versions().items():
-        if installed.get(name) != version:
-            return f"{name} {installed.get(name)} is installed; the engine is tested with {name} {version}"
+    tested = tested_versions() if tested is None else tested
+    for name in LIBRARIES:
+        if name not in tested:
+            return f"the release of {name} the engine was tested with is unknown (selfreward/engine/constraints.txt is missing or lacks it)"
+        if installed.get(name) != tested[name]:
+            return f"{name} {installed.get(name)} is installed; the engine is tested with {name} {tested[name]}"
     model_type = getattr(model.config, "model_type", None)
     if model_type not in ARCHITECTURES:
         return f"architecture '{model_type}' is not among those the engine is tested on ({', '.join(ARCHITECTURES)})"
