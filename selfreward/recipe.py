@@ -222,7 +222,10 @@ class HeadToHeadSection(Section):
 
 
 class EvaluationSection(Section):
-    """Judge agreement with humans, measured with M_t at every iteration on held-out data (not trained on)."""
+    """Evidence at every iteration, on held-out data (never trained on), each part optional: M_t as a judge of
+    human preferences (`ranked`, `pairs`; the evaluate stage), M_{t+1}'s implicit reward against M_t on the
+    same pairs (`policy`; the policy stage), and M_{t+1} against M_t by a fixed judge (`head_to_head`). All
+    of it lands in the run's report."""
 
     # Human-ranked responses (oasst1 messages or {instruction, responses: [{text, rank}]}) and/or
     # chosen/rejected pairs (hh-rlhf or {prompt, chosen, rejected}); None = not measured.
