@@ -48,8 +48,8 @@ def _release(version: str) -> str:
 
 
 def tested_versions() -> dict[str, str]:
-    """The release of each of `LIBRARIES` that CI installs, read from constraints.txt (none that the file,
-    or a pin in it, is missing: then nothing counts as tested)."""
+    """The release of each of `LIBRARIES` that CI installs, read from constraints.txt. A library without a
+    pin there, or every library if the file is missing, is left out: it counts as untested."""
     try:
         text = resources.files(__name__).joinpath("constraints.txt").read_text(encoding="utf-8")
     except OSError:
