@@ -119,3 +119,10 @@ def test_packed_sft_trains_the_weights_of_padded_sft_on_the_same_examples(tiny_m
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(actual[name], base[name]) for name in base)  # the step moved the weights
+
+
+def test_trainer_records_go_to_the_integrations_a_recipe_names_and_nowhere_else_by_default(tmp_path):
+    from selfreward.train.trainer import trainer_args
+
+    assert trainer_args(SftSection(), tmp_path, 0)["report_to"] == "none"
+    assert trainer_args(SftSection(report_to=["tensorboard", "wandb"]), tmp_path, 0)["report_to"] == ["tensorboard", "wandb"]
