@@ -46,6 +46,7 @@ def test_the_report_shows_the_runs_own_figures(finished_run):
         assert f"{policy['accuracy']:.2f} [{policy['accuracy_ci'][0]:.2f}, {policy['accuracy_ci'][1]:.2f}], n=6" in text
         judge = json.loads(run.judge_eval(t).read_text())["pairs"]
         assert row["judge_agreement"]["pairs"]["judge"] == judge["judge"]["pairwise_accuracy"]
+        assert all(metrics["seconds"][stage] is not None for stage in ("evaluate", "policy"))  # every stage's time
         assert [r["loss"] for r in row["dpo_log"]] == [r["loss"] for r in read_jsonl(run.dpo_log(t))]
     counts = [json.loads(run.metrics(t).read_text())["pairs"] for t in (1, 2)]
     assert f"| pairs | {counts[0]} | {counts[1]} |" in text.splitlines()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,14 @@ from selfreward.stages.judging import make_judge
 def stage(ctx: StageContext) -> dict[str, Any]:
     """Judge agreement with held-out human rankings and/or pairs; written to iter{t}/judge_eval.json."""
     recipe, config = ctx.recipe, ctx.recipe.evaluation
+    started = time.perf_counter()
     judge = make_judge(ctx.backend(), recipe.judge, recipe.seed, mode=config.mode)
     result = evaluate_judge(
         judge, Path(config.ranked) if config.ranked else None, Path(config.pairs) if config.pairs else None,
         config.limit, max_chars=(recipe.limits.max_instruction_chars, recipe.limits.max_response_chars),
     )
     write_json_atomic(ctx.run_dir.judge_eval(ctx.iteration), result)
-    return result
+    return {**result, "seconds": round(time.perf_counter() - started, 1)}  # the stage's time, as every stage reports it
 
 
 def enabled(recipe) -> bool:
