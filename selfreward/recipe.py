@@ -114,6 +114,10 @@ class SftSection(TrainSection):
     # (benchmarks/sft_speed.py), though sdpa computes a packed row's attention across all of it under a
     # block mask (flash attention on a GPU does not). Examples longer than `max_length` are cut, as without.
     packing: bool = False
+    # A base model has rarely seen its chat template's end-of-turn token and, after a short SFT, never stops
+    # answering. Where it is far less likely than EOS at the end of seed answers, its embedding starts as
+    # EOS's (selfreward/train/turn_end.py); chat models are left as they are. The SFT record says what it found.
+    init_turn_end: bool = True
 
 
 class DpoSection(TrainSection):
@@ -126,6 +130,20 @@ class DpoSection(TrainSection):
     precompute_ref_log_probs: bool = False
 
 
+class TreeShares(Section):
+    """How oasst1's message trees are split: shares summing to 1."""
+
+    ift: float = Field(ge=0, le=1)
+    eft: float = Field(ge=0, le=1)
+    heldout: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self):
+        if abs(self.ift + self.eft + self.heldout - 1) > 1e-6:
+            raise ValueError(f"ift + eft + heldout must be 1, not {self.ift + self.eft + self.heldout:g}")
+        return self
+
+
 class DataSection(Section):
     # Paths are relative to the directory the command runs in.
     ift: str | None = "data/ift.jsonl"
@@ -134,6 +152,14 @@ class DataSection(Section):
     # First-turn English conversations become IFT (best-ranked reply) and EFT (replies scored from rank).
     oasst1: str | None = None
     oasst1_split: str = "train"
+    # Split oasst1 by message tree, so that no conversation feeds both IFT and EFT and a share feeds neither:
+    # e.g. {ift: 0.6, eft: 0.25, heldout: 0.15}. A tree's part follows from a hash of its id, the same on
+    # every run and machine. Point `evaluation.ranked` at the same messages to measure on the held-out
+    # trees: evaluation leaves out every prompt that is a seed instruction. null: every tree feeds both.
+    oasst1_trees: TreeShares | None = None
+    # Leave out IFT examples whose response is longer than this many characters (counted): SFT then
+    # teaches answers that end within `responses.max_new_tokens` (English text: ~4 characters a token).
+    max_ift_response_chars: int | None = Field(None, ge=1)
     # Keep at most this many seed examples (None = all); the sample is drawn with the recipe seed.
     max_ift: int | None = Field(None, ge=1)
     max_eft: int | None = Field(None, ge=1)
@@ -201,7 +227,7 @@ class HeadToHeadSection(Section):
     compare`'s method), after every iteration's DPO."""
 
     # Instructions: a JSON list or JSONL with `instruction` (e.g. AlpacaEval's); None = not measured. Those
-    # that are also seed IFT instructions are dropped and counted.
+    # that are also seed instructions are dropped (counted) before `limit`.
     instructions: str | None = None
     # The judge, never the models being compared: a model (on a laptop the base model) or, with
     # `endpoint`, the served model's name (its key from OPENAI_API_KEY).
@@ -228,7 +254,9 @@ class EvaluationSection(Section):
     of it lands in the run's report."""
 
     # Human-ranked responses (oasst1 messages or {instruction, responses: [{text, rank}]}) and/or
-    # chosen/rejected pairs (hh-rlhf or {prompt, chosen, rejected}); None = not measured.
+    # chosen/rejected pairs (hh-rlhf or {prompt, chosen, rejected}); None = not measured. Prompts that are
+    # seed instructions are left out (counted) before `limit`: `ranked` may name data.oasst1's own messages
+    # when data.oasst1_trees holds a share of the trees out.
     ranked: str | None = None
     pairs: str | None = None
     limit: int = Field(50, ge=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfreward.data.seeds import oasst1_first_turns
+from selfreward.data.seeds import load_oasst1_messages, oasst1_first_turns
 from selfreward.errors import UserError
 from selfreward.run.jsonl import read_jsonl
 
@@ -32,8 +32,9 @@ class PreferencePair:
 
 
 def load_ranked(path: str | Path) -> list[RankedPrompt]:
-    """Ranked responses: our format {id, instruction, responses: [{text, rank}]}, or oasst1 message rows."""
-    records = read_jsonl(path)
+    """Ranked responses: our format {id, instruction, responses: [{text, rank}]}, or oasst1 message rows (a
+    JSONL file, or anything `data.oasst1` takes: a hub id, parquet files)."""
+    records = read_jsonl(path) if Path(path).suffix in {".jsonl", ".gz"} else load_oasst1_messages(str(path), "train")
     if records and "message_id" in records[0]:
         return [
             RankedPrompt(root["message_id"], root["text"], tuple(r["text"] for r in replies), tuple(r["rank"] for r in replies))

@@ -6,6 +6,7 @@ IFT record: {id, instruction, response}. EFT record: {id, instruction, response,
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,11 @@ def subsample(records: list[dict], limit: int | None, seed: int) -> list[dict]:
     if limit is None or len(records) <= limit:
         return records
     return random.Random(seed).sample(records, limit)
+
+
+def is_local(source: str) -> bool:
+    """Whether a data source names a local file or folder rather than a hub dataset id."""
+    return Path(source).expanduser().exists() or Path(source).suffix in {".jsonl", ".json", ".parquet", ".gz"} or source.startswith((".", "/", "~"))
 
 
 def load_oasst1_messages(source: str, split: str = "train") -> list[dict[str, Any]]:
@@ -91,14 +97,23 @@ def rank_judgment(rank: int, replies: int, score: int) -> str:
     )
 
 
-def oasst1_seeds(messages: list[dict]) -> tuple[list[dict], list[dict]]:
-    """IFT from the best-ranked reply of each first turn; EFT from every ranked reply (scores from rank)."""
+def tree_part(tree_id: str, trees) -> str:
+    """"ift", "eft" or "heldout": the part of the split `trees` (shares) that a message tree belongs to, from a
+    hash of its id (the same on every machine and run, whatever else the data holds)."""
+    u = int.from_bytes(hashlib.sha256(tree_id.encode()).digest()[:8], "big") / 2**64
+    return "ift" if u < trees.ift else "eft" if u < trees.ift + trees.eft else "heldout"
+
+
+def oasst1_seeds(messages: list[dict], trees=None) -> tuple[list[dict], list[dict]]:
+    """IFT from the best-ranked reply of each first turn; EFT from every ranked reply (scores from rank).
+    `trees` (shares, recipe `data.oasst1_trees`): each message tree feeds IFT, EFT or neither."""
     ift, eft = [], []
     for root, ranked in oasst1_first_turns(messages):
+        part = tree_part(root.get("message_tree_id") or root["message_id"], trees) if trees else None
         best = ranked[0]
-        if best["rank"] == 0:
+        if part in (None, "ift") and best["rank"] == 0:
             ift.append({"id": root["message_id"], "instruction": root["text"], "response": best["text"]})
-        if len(ranked) < 2:
+        if len(ranked) < 2 or part not in (None, "eft"):
             continue
         for reply in ranked:
             score = rank_to_score(reply["rank"], len(ranked))
@@ -114,14 +129,34 @@ def load_seeds(data, seed: int, limits) -> tuple[list[dict], list[dict], dict[st
     ift = load_ift(data.ift) if data.ift else []
     eft = load_eft(data.eft) if data.eft else []
     if data.oasst1:
-        more_ift, more_eft = oasst1_seeds(load_oasst1_messages(data.oasst1, data.oasst1_split))
+        more_ift, more_eft = oasst1_seeds(load_oasst1_messages(data.oasst1, data.oasst1_split), data.oasst1_trees)
         ift, eft = ift + more_ift, eft + more_eft
+    long = 0
+    if data.max_ift_response_chars and ift:
+        kept = [r for r in ift if len(r["response"]) <= data.max_ift_response_chars]
+        long = len(ift) - len(kept)
+        if not kept:
+            raise UserError(f"data.max_ift_response_chars: every one of the {len(ift)} IFT responses is longer than "
+                            f"{data.max_ift_response_chars} characters; raise it")
+        ift = kept
     if not ift:
         raise UserError("data: no IFT seed examples (set data.ift or data.oasst1)")
     # Cut after subsampling, so the counts are of the examples used.
     ift, ift_cut = cut_to_limits(subsample(ift, data.max_ift, seed), limits, "IFT")
     eft, eft_cut = cut_to_limits(subsample(eft, data.max_eft, seed), limits, "EFT")
-    return ift, eft, {**ift_cut, **eft_cut}
+    return ift, eft, {**ift_cut, **eft_cut, **({"ift_responses_over_max_chars": long} if data.max_ift_response_chars else {})}
+
+
+def normal(instruction: str) -> str:
+    """How instructions are compared to find seed instructions among held-out ones: without case and outer whitespace."""
+    return instruction.strip().lower()
+
+
+def seed_instructions(data, seed: int, limits) -> frozenset[str]:
+    """Every seed instruction (`normal`), also those a max_ift / max_eft subsample or the response-length
+    filter left out: evaluation sets leave them out."""
+    ift, eft, _ = load_seeds(data.model_copy(update={"max_ift": None, "max_eft": None, "max_ift_response_chars": None}), seed, limits)
+    return frozenset(normal(r["instruction"]) for r in ift + eft)
 
 
 def cut_to_limits(records: list[dict], limits, what: str) -> tuple[list[dict], dict[str, int]]:

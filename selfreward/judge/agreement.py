@@ -35,6 +35,7 @@ from typing import Any
 
 from selfreward.data.limits import truncate_text
 from selfreward.data.preferences import PreferencePair, RankedPrompt, load_pairs, load_ranked
+from selfreward.data.seeds import normal
 from selfreward.judge.scoring import Judge, JudgeItem, JudgePair, PairwiseResult
 from selfreward.recipe import LimitsSection
 
@@ -125,32 +126,43 @@ def evaluate_judge(
     limit: int | None,
     method: str = "scores",
     max_chars: tuple[int, int] | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Judge (and the length baseline) against human preferences; judge None = baseline only.
 
     `method`: "scores" rates every response on the rubric; "pairwise" compares pairs directly.
     The judge sees instructions and responses cut to `max_chars` (instruction, response; default the
     recipe's `limits`), counted in the report as `truncated`; the length baseline sees the full texts.
+    Items whose instruction is in `exclude` (`selfreward.data.seeds.normal` form: the seed instructions) are
+    left out before the `limit`, counted as `dropped_seen_in_seeds`.
     """
     if max_chars is None:
         limits = LimitsSection()
         max_chars = (limits.max_instruction_chars, limits.max_response_chars)
     report: dict[str, Any] = {}
     if ranked:
-        prompts = load_ranked(ranked)[:limit]
-        report["ranked"] = {"file": str(ranked), "length_baseline": ranked_metrics(
+        prompts, dropped = unseen(load_ranked(ranked), exclude)
+        prompts = prompts[:limit]
+        report["ranked"] = {"file": str(ranked), "dropped_seen_in_seeds": dropped, "length_baseline": ranked_metrics(
             [length_scores(p.responses) for p in prompts], [p.ranks for p in prompts], on_rubric=False)}
         if judge:
             cut_prompts, report["ranked"]["truncated"] = _cut_ranked(prompts, *max_chars)
             report["ranked"]["judge"] = _timed(lambda: _judge_ranked(judge, cut_prompts, method))
     if pairs:
-        items = load_pairs(pairs)[:limit]
-        report["pairs"] = {"file": str(pairs), "length_baseline": pair_metrics(
+        items, dropped = unseen(load_pairs(pairs), exclude)
+        items = items[:limit]
+        report["pairs"] = {"file": str(pairs), "dropped_seen_in_seeds": dropped, "length_baseline": pair_metrics(
             [len(p.chosen) for p in items], [len(p.rejected) for p in items])}
         if judge:
             cut_items, report["pairs"]["truncated"] = _cut_pairs(items, *max_chars)
             report["pairs"]["judge"] = _timed(lambda: _judge_pairs(judge, cut_items, method))
     return report
+
+
+def unseen(items: list, exclude: frozenset[str]) -> tuple[list, int]:
+    """The items (with an `instruction`) whose instruction is not in `exclude`, and how many were left out."""
+    kept = [item for item in items if normal(item.instruction) not in exclude]
+    return kept, len(items) - len(kept)
 
 
 def _cut_ranked(prompts: Sequence[RankedPrompt], max_instruction: int, max_response: int) -> tuple[list[RankedPrompt], int]:

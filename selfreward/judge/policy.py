@@ -33,18 +33,21 @@ class HumanPair:
     rejected: str
 
 
-def human_pairs(ranked: Path | None, pairs: Path | None, limit: int | None) -> list[HumanPair]:
+def human_pairs(ranked: Path | None, pairs: Path | None, limit: int | None, exclude: frozenset[str] = frozenset()) -> list[HumanPair]:
     """Every (better, worse) pair of differently ranked responses of the first `limit` ranked prompts, then
-    the first `limit` chosen/rejected pairs."""
+    the first `limit` chosen/rejected pairs; prompts whose instruction is in `exclude` (the seed
+    instructions, `selfreward.data.seeds.normal` form) left out first, as judge agreement does."""
+    from selfreward.judge.agreement import unseen
+
     found: list[HumanPair] = []
     if ranked:
-        for prompt in load_ranked(ranked)[:limit]:
+        for prompt in unseen(load_ranked(ranked), exclude)[0][:limit]:
             for i, j in combinations(range(len(prompt.ranks)), 2):
                 if prompt.ranks[i] != prompt.ranks[j]:
                     better, worse = (i, j) if prompt.ranks[i] < prompt.ranks[j] else (j, i)
                     found.append(HumanPair(prompt.instruction, prompt.responses[better], prompt.responses[worse]))
     if pairs:
-        found += [HumanPair(p.instruction, p.chosen, p.rejected) for p in load_pairs(pairs)[:limit]]
+        found += [HumanPair(p.instruction, p.chosen, p.rejected) for p in unseen(load_pairs(pairs), exclude)[0][:limit]]
     if not found:
         raise UserError(f"{ranked or pairs}: no human preference pairs (ranked prompts need responses of different ranks)")
     return found

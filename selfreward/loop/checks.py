@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from selfreward.data.seeds import load_eft, load_ift
+from selfreward.data.seeds import is_local, load_eft, load_ift
 from selfreward.errors import UserError
 from selfreward.models import check_model_reference
 from selfreward.recipe import Recipe
@@ -18,13 +18,12 @@ def check_inputs(recipe: Recipe, source: str) -> None:
     directory is created, so that a typo costs a second rather than an SFT run."""
     files = {
         "data.ift": recipe.data.ift, "data.eft": recipe.data.eft, "prompts.template": recipe.prompts.template,
-        "judge.template": recipe.judge.template, "evaluation.ranked": recipe.evaluation.ranked,
-        "evaluation.pairs": recipe.evaluation.pairs, "launcher.config_file": recipe.launcher.config_file,
+        "judge.template": recipe.judge.template, "evaluation.pairs": recipe.evaluation.pairs, "launcher.config_file": recipe.launcher.config_file,
         "evaluation.head_to_head.instructions": recipe.evaluation.head_to_head.instructions,
     }
-    oasst1 = recipe.data.oasst1
-    if oasst1 and (Path(oasst1).suffix in {".jsonl", ".json", ".parquet", ".gz"} or oasst1.startswith((".", "/", "~"))):
-        files["data.oasst1"] = oasst1  # a local file, not a hub id
+    for key, source in (("data.oasst1", recipe.data.oasst1), ("evaluation.ranked", recipe.evaluation.ranked)):
+        if source and is_local(source):
+            files[key] = source  # a local file, not a hub id
     for key, value in files.items():
         if value is not None and not Path(value).expanduser().exists():
             raise UserError(f"{source}: {key}: '{value}' not found (relative paths start from {Path.cwd()})")

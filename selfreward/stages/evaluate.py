@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selfreward.data.seeds import seed_instructions
 from selfreward.judge.agreement import evaluate_judge
 from selfreward.run.jsonl import write_json_atomic
 from selfreward.stages.context import StageContext
@@ -20,6 +21,7 @@ def stage(ctx: StageContext) -> dict[str, Any]:
     result = evaluate_judge(
         judge, Path(config.ranked) if config.ranked else None, Path(config.pairs) if config.pairs else None,
         config.limit, max_chars=(recipe.limits.max_instruction_chars, recipe.limits.max_response_chars),
+        exclude=seed_instructions(recipe.data, recipe.seed, recipe.limits),
     )
     write_json_atomic(ctx.run_dir.judge_eval(ctx.iteration), result)
     return {**result, "seconds": round(time.perf_counter() - started, 1)}  # the stage's time, as every stage reports it

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from selfreward.backends.base import Sampling
-from selfreward.data.seeds import load_seeds
+from selfreward.data.seeds import normal, seed_instructions
 from selfreward.errors import UserError
 from selfreward.judge import Judge
 from selfreward.judge.compare import Item, generate_answers, item_id, load_answers, load_instructions, run_compare, write_answers
@@ -18,7 +18,7 @@ from selfreward.stages.context import StageContext
 
 def held_out(instructions: list[str], seen: set[str]) -> tuple[list[str], int]:
     """The instructions that are not seed instructions (compared without case and outer whitespace)."""
-    kept = [text for text in instructions if text.strip().lower() not in seen]
+    kept = [text for text in instructions if normal(text) not in seen]
     return kept, len(instructions) - len(kept)
 
 
@@ -35,10 +35,8 @@ def _answers(ctx: StageContext, model: str, path: Path, instructions: list[str])
 def stage(ctx: StageContext) -> dict[str, Any]:
     recipe, t, run_dir = ctx.recipe, ctx.iteration, ctx.run_dir
     config = recipe.evaluation.head_to_head
-    # Every seed instruction counts as seen, also those a max_ift / max_eft subsample left out.
-    ift, eft, _ = load_seeds(recipe.data.model_copy(update={"max_ift": None, "max_eft": None}), recipe.seed, recipe.limits)
-    instructions, dropped = held_out(load_instructions(Path(config.instructions))[: config.limit],
-                                     {r["instruction"].strip().lower() for r in ift + eft})
+    instructions, dropped = held_out(load_instructions(Path(config.instructions)), seed_instructions(recipe.data, recipe.seed, recipe.limits))
+    instructions = instructions[: config.limit]
     output = run_dir.head_to_head(t)
     model = _answers(ctx, str(run_dir.model(t)), output.with_name(output.name + ".model_outputs.json"), instructions)
     # M_t's answers are M_{t+1}'s of the iteration before, when there was one.

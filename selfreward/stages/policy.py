@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from selfreward.data.seeds import seed_instructions
 from selfreward.judge.policy import evaluate_policy, human_pairs, pairs_digest
 from selfreward.models import resolve_model
 from selfreward.run.jsonl import read_json, write_json_atomic
@@ -16,7 +17,8 @@ def stage(ctx: StageContext) -> dict[str, Any]:
     """Written to iter{t}/policy_eval.json (with both models' log-probabilities of every pair); the done record
     holds its figures."""
     config, t = ctx.recipe.evaluation, ctx.iteration
-    pairs = human_pairs(Path(config.ranked) if config.ranked else None, Path(config.pairs) if config.pairs else None, config.limit)
+    pairs = human_pairs(Path(config.ranked) if config.ranked else None, Path(config.pairs) if config.pairs else None, config.limit,
+                        seed_instructions(ctx.recipe.data, ctx.recipe.seed, ctx.recipe.limits))
     # M_t was the policy of the iteration before: its log-probabilities of the same pairs are on disk.
     before = read_json(ctx.run_dir.policy_eval(t - 1)) if t > 1 and ctx.run_dir.policy_eval(t - 1).exists() else None
     reuse = before["logprobs"]["model"] if before and before.get("pairs_digest") == pairs_digest(pairs, config.policy_max_length) else None
