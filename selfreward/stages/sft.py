@@ -18,6 +18,7 @@ from selfreward.recipe import SftSection
 from selfreward.stages.context import StageContext
 from selfreward.train import completion_head
 from selfreward.train.trainer import checkpoint_callbacks, load_for_training, lora_config, train_and_save, trainer_args
+from selfreward.train.turn_end import init_turn_end
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def run_sft(
 
     started = time.perf_counter()
     model, tokenizer = load_for_training(model_path, trust_remote_code)
+    turn_end = init_turn_end(model, tokenizer, ift) if config.init_turn_end else None
     dataset = Dataset.from_list(sft_examples(ift, eft, judge_template)).shuffle(seed=seed)
     work_dir = output.parent / f".{output.name}.work"
     # Packed rows are all about `max_length` long: grouping them by length would change nothing.
@@ -72,7 +74,7 @@ def run_sft(
     )
     label_positions_only = lm_head(trainer)
     result = train_and_save(trainer, tokenizer, work_dir, output, model_path, trust_remote_code, log_path, "SFT")
-    result.update(examples=len(dataset), lm_head_on_labels_only=label_positions_only, ift=len(ift), eft=len(eft), seconds=round(time.perf_counter() - started, 1))
+    result.update(examples=len(dataset), lm_head_on_labels_only=label_positions_only, turn_end=turn_end, ift=len(ift), eft=len(eft), seconds=round(time.perf_counter() - started, 1))
     log.info("SFT: %d examples, loss %s → %s, %.0f s", len(dataset), result["first_loss"], result["last_loss"], result["seconds"])
     return result
 
