@@ -55,8 +55,8 @@ def unsharded(prompted, tmp_path_factory) -> RunDir:
     return run
 
 
-@pytest.mark.parametrize("count", [1, 2, 3])
-def test_sharded_and_merged_stages_equal_the_unsharded_stages_byte_for_byte(prompted, unsharded, tmp_path, count):
+@pytest.mark.parametrize("count", [1, 2, 3, 6])  # 6 shards of 4 units: two shards get none
+def test_sharded_and_merged_stages_equal_the_unsharded_stages_byte_for_byte_also_with_empty_shards(prompted, unsharded, tmp_path, count):
     recipe, source = prompted
     run = RunDir(tmp_path / "run")
     shutil.copytree(source, run.root)

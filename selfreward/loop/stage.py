@@ -13,7 +13,7 @@ from selfreward.errors import UserError
 from selfreward.loop.shards import run_replicas, stage_file
 from selfreward.recipe import Recipe
 from selfreward.run.directory import RunDir
-from selfreward.run.jsonl import read_jsonl
+from selfreward.run.jsonl import read_jsonl, write_jsonl_atomic
 from selfreward.run.units import Shard
 from selfreward.stages import MODEL, NEXT_MODEL, SFT, Stage, producer
 from selfreward.stages.context import Models, StageContext
@@ -49,6 +49,8 @@ def run_stage(
             run_dir.mark_done(key, result)
             return result
         result = stage.run(ctx)
+        if stage.shardable and not (written := ctx.output(stage_file(run_dir, stage, t))).exists():
+            write_jsonl_atomic(written, [])  # no units fell to this shard (or there was no work): an empty part, merged like any other
         if stage.model == "generate" and models.backend is not None:
             result = {**result, "inference_path": models.backend.path}
         if stage.shardable and shard is None:
