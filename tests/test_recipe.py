@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -108,3 +110,36 @@ def test_every_shipped_recipe_is_valid_and_names_files_that_exist(path):
     check_inputs(recipe, path)
     if recipe.launcher.num_processes > 1:
         assert recipe.launcher.config_file and (ROOT / recipe.launcher.config_file).is_file()
+
+
+def test_a_run_directory_records_its_format_version_and_refuses_another(tmp_path):
+    from selfreward.run.directory import FORMAT_VERSION
+
+    run = RunDir(tmp_path / "run")
+    run.bind_recipe(parse_recipe({"seed": 1}, "a"))
+    assert json.loads(run.format_path.read_text())["format"] == FORMAT_VERSION == 1
+    # A directory written before the version existed is version 1: it resumes, and gets the file.
+    run.format_path.unlink()
+    run.bind_recipe(parse_recipe({"seed": 1}, "a"))
+    assert json.loads(run.format_path.read_text())["format"] == 1
+    run.format_path.write_text(json.dumps({"format": 2, "selfreward": "9.0"}))
+    with pytest.raises(UserError, match=r"run: a run directory of format version 2 \(written by selfreward 9\.0\); this selfreward "
+                                        r"\S+ reads version 1 only: resume it with the release that started it, or start a new --output"):
+        run.bind_recipe(parse_recipe({"seed": 1}, "a"))
+    run.format_path.write_text("{trunc")
+    with pytest.raises(UserError, match=r"format\.json: damaged"):
+        run.bind_recipe(parse_recipe({"seed": 1}, "a"))
+
+
+def test_a_run_of_another_format_version_is_one_line_and_exit_2_on_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from selfreward.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("seed: 1\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "format.json").write_text(json.dumps({"format": 7}))
+    result = CliRunner().invoke(app, ["pairs", "-r", str(recipe), "-o", str(tmp_path / "run"), "-t", "1"])
+    assert result.exit_code == 2 and "format version 7" in result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) <= 3 and "Traceback" not in result.output

@@ -1,5 +1,6 @@
 """The run directory: where every stage reads its inputs and writes its outputs.
 
+    format.json                 {"format": 1, "selfreward": "0.1.0"}: the layout and record shapes below, and the release that wrote them
     recipe.yaml                 the resolved recipe this run started with
     m1/                         M1, the SFT model (a plain HF checkpoint)
     sft_log.jsonl               SFT's per-step training records             {step, loss, learning_rate, ...}
@@ -41,6 +42,11 @@ from selfreward.run.jsonl import write_atomic, write_json_atomic
 from selfreward.run.units import Shard
 
 log = logging.getLogger(__name__)
+
+# The layout of a run directory and the shape of its files and records. Bump it when either changes, with
+# a note in DEVELOPERS.md; a directory of another version is refused, never read with today's schema.
+# Directories written before the version existed are version 1.
+FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -157,14 +163,39 @@ class RunDir:
         finally:
             os.close(fd)  # closing releases the lock
 
+    @property
+    def format_path(self) -> Path:
+        return self.root / "format.json"
+
+    def check_format(self) -> None:
+        """Refuse a run directory of another format version (one line: which version, what to do); record
+        the version in a directory that has none yet (new, or written before versions existed: version 1)."""
+        from selfreward import __version__
+
+        if self.format_path.exists():
+            try:
+                found = json.loads(self.format_path.read_text(encoding="utf-8"))
+                version = found["format"]
+            except (OSError, ValueError, TypeError, KeyError):
+                raise UserError(f"{self.format_path}: damaged (expected {{\"format\": N, ...}}); if this run was started by "
+                                f"selfreward {__version__}, write {{\"format\": {FORMAT_VERSION}}} into it") from None
+            if version != FORMAT_VERSION:
+                raise UserError(f"{self.root}: a run directory of format version {version} (written by selfreward "
+                                f"{found.get('selfreward', '?')}); this selfreward {__version__} reads version {FORMAT_VERSION} only: "
+                                "resume it with the release that started it, or start a new --output")
+            return
+        write_json_atomic(self.format_path, {"format": FORMAT_VERSION, "selfreward": __version__})
+
     def bind_recipe(self, recipe: Recipe) -> None:
-        """Record the recipe on a new run; refuse a different recipe on an existing one.
+        """Record the recipe on a new run; refuse a different recipe on an existing one, and a directory of
+        another format version (`check_format`).
 
         Mixing outputs of two recipes in one directory would make every later figure meaningless, so a
         changed recipe must go to a new --output.
         """
         with writing(self.root):
             self.root.mkdir(parents=True, exist_ok=True)
+        self.check_format()
         text = recipe_yaml(recipe)
         if self.recipe_path.exists():
             old = parse_recipe(yaml.safe_load(self.recipe_path.read_text(encoding="utf-8")), str(self.recipe_path))
