@@ -126,3 +126,46 @@ def test_trainer_records_go_to_the_integrations_a_recipe_names_and_nowhere_else_
 
     assert trainer_args(SftSection(), tmp_path, 0)["report_to"] == "none"
     assert trainer_args(SftSection(report_to=["tensorboard", "wandb"]), tmp_path, 0)["report_to"] == ["tensorboard", "wandb"]
+
+
+def answer_log_probs(model_dir, examples: list[tuple[str, str]]) -> list[float]:
+    """log pi(answer | instruction) under the chat template, per (instruction, answer)."""
+    from selfreward.judge.policy import completion_logprobs
+    from selfreward.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(str(model_dir)).eval(), load_tokenizer(str(model_dir))
+    return [completion_logprobs(model, tokenizer, instruction, [answer], 256)[0] for instruction, answer in examples]
+
+
+def test_sft_raises_the_likelihood_of_its_answers(tiny_model, tmp_path):
+    result = sft(tiny_model, tmp_path / "m1")
+    examples = [(r["instruction"], r["response"]) for r in load_ift("data/ift.jsonl")[:8]]
+    before, after = answer_log_probs(tiny_model, examples), answer_log_probs(tmp_path / "m1", examples)
+    assert result["last_loss"] < result["first_loss"]
+    assert sum(after) > sum(before) and sum(a > b for a, b in zip(after, before)) >= 7
+
+
+def dpo_margins(tiny_model, tmp_path, swap: bool) -> list[float]:
+    """Per pair, [log pi(chosen) - log pi(rejected)] after DPO minus the same under the reference (M_t), for
+    the pairs as judged; DPO trains on them as judged or, with `swap`, with chosen and rejected swapped."""
+    pairs = [(f"Question {i}?", f"A careful answer to question {i}.", "No.") for i in range(8)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": r if swap else c}],
+                                        "rejected": [{"role": "assistant", "content": c if swap else r}]}) + "\n" for q, c, r in pairs))
+    config = DpoSection(**TRAIN, max_length=128, lora={"enabled": True, "r": 4, "alpha": 8})
+    run_dpo(tiny_model, path, config, tmp_path / "model", 0)
+    chosen = [(q, c) for q, c, _ in pairs]
+    rejected = [(q, r) for q, _, r in pairs]
+    policy = [c - r for c, r in zip(answer_log_probs(tmp_path / "model", chosen), answer_log_probs(tmp_path / "model", rejected))]
+    reference = [c - r for c, r in zip(answer_log_probs(tiny_model, chosen), answer_log_probs(tiny_model, rejected))]
+    return [p - r for p, r in zip(policy, reference)]
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["as_judged", "chosen_and_rejected_swapped"])
+def test_dpo_moves_the_policy_toward_its_chosen_answers(tiny_model, tmp_path, swap):
+    margins = dpo_margins(tiny_model, tmp_path, swap)
+    # DPO's implicit reward margin on its own training pairs rises from 0; with the labels swapped it falls.
+    if swap:
+        assert sum(margins) < 0 and all(m < 0 for m in margins)
+    else:
+        assert sum(margins) > 0 and all(m > 0 for m in margins)
