@@ -69,10 +69,11 @@ def sampling(temperature: float, top_p: float, max_new_tokens: int, seed: int) -
     return Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
 
 
-def write_report(path: Path | None, report: dict) -> None:
+def write_report(path: Path | None, report: dict, unprinted: tuple[str, ...] = ()) -> None:
+    """`report` to `path` (JSON) and the terminal, less its `unprinted` keys there (per-item data)."""
     if path:
         write_json_atomic(path, report)
-    Console().print_json(data=report)
+    Console().print_json(data={key: value for key, value in report.items() if key not in unprinted})
 
 
 @app.command()
@@ -331,6 +332,6 @@ def policy_eval(
         if ranked is None and pairs is None:
             raise UserError("policy-eval: give --ranked and/or --pairs")
         found = human_pairs(ranked, pairs, limit)  # validated before any model loads
-        write_report(report_path, evaluate_policy(resolve_model(model), resolve_model(reference), found, max_length, seed))
+        write_report(report_path, evaluate_policy(resolve_model(model), resolve_model(reference), found, max_length, seed), ("logprobs",))
 
     _guard(action)
