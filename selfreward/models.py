@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from selfreward.errors import UserError, writing
+from selfreward.model_files import check_model_dir, damaged
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def check_model_reference(ref: str) -> None:
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise UserError(f"model '{ref}': not a model directory (no config.json)")
+        check_model_dir(path)
     elif looks_like_path(ref):
         raise UserError(f"model '{ref}': directory not found")
 
@@ -175,14 +177,24 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None):
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True
         )
-    except (OSError, ValueError) as error:  # ValueError: a config transformers cannot make sense of
-        raise UserError(f"model '{path}': cannot load ({first_line(error)})") from None
+    except (OSError, ValueError, SafetensorError) as error:  # ValueError: a config transformers cannot make sense of
+        raise damaged(Path(path), f"cannot load ({first_line(error)})") from None
+    except RuntimeError as error:  # transformers: weights whose shapes do not fit the config
+        mismatched = "weights whose shapes do not fit its config.json" if "mismatched" in str(error) else first_line(error)
+        raise damaged(Path(path), f"cannot load: {mismatched}") from None
+    # transformers initialises missing weights at random with a warning: a checkpoint without them is damaged.
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise damaged(Path(path), f"{len(missing)} weight(s) missing from its checkpoint (the first: {missing[0]})")
+    if info.get("mismatched_keys"):
+        raise damaged(Path(path), f"weights whose shapes do not fit its config.json (the first: {sorted(info['mismatched_keys'])[0][0]})")
     if device:
         model.to(device)
     return model
