@@ -87,14 +87,41 @@ def test_permission_denied_names_the_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores file permissions")
+MARK_DONE = """
+import sys
+from pathlib import Path
+from selfreward.errors import UserError
+from selfreward.run.directory import RunDir
+try:
+    RunDir(Path(sys.argv[1])).mark_done("sft", {"steps": 1})
+except UserError as error:
+    print(error)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file permissions")
 def test_read_only_run_directory_is_a_user_error(tmp_path):
+    """Run without the power to ignore permissions: as root (CI), in a child whose capability bounding set
+    lacks DAC override (util-linux setpriv), so the test runs instead of skipping."""
+    import shutil
+    import subprocess
+    import sys
+
     run = tmp_path / "run"
     run.mkdir()
     run.chmod(0o555)
     try:
-        with pytest.raises(UserError, match="permission denied"):
-            RunDir(run).mark_done("sft", {"steps": 1})
+        if os.geteuid() == 0:
+            from tests.conftest import needs
+
+            needs(shutil.which("setpriv") is not None, "util-linux's setpriv (to drop root's DAC override)")
+            done = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", MARK_DONE, str(run)],
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 2 and "permission denied" in done.stdout, done.stdout + done.stderr
+        else:
+            with pytest.raises(UserError, match="permission denied"):
+                RunDir(run).mark_done("sft", {"steps": 1})
     finally:
         run.chmod(0o755)
     assert not RunDir(run).is_done("sft")
@@ -177,8 +204,10 @@ def finished_record(run: RunDir) -> dict:
     ("fsync", 2, errno.ENOSPC, "iter1/judgments.jsonl", "no space left on device"),
     # every chunk written, then the done/ record
     ("write", 6, errno.ENOSPC, "done/iter1/judge.json", "no space left on device"),
-    # the judgments file cannot be created (the first open is the stage's lock file)
-    ("open", 2, errno.EACCES, "iter1/judgments.jsonl", "permission denied"),
+    # the judgments file cannot be created (the first opens are the stage's lock files: its own, its workers')
+    ("open", 3, errno.EACCES, "iter1/judgments.jsonl", "permission denied"),
+    # the workers' lock file cannot be created
+    ("open", 2, errno.EACCES, "locks/iter1/judge.workers", "permission denied"),
 ])
 def test_judging_on_a_full_disk_fails_in_one_line_and_resumes_to_the_same_records(
     generated, tmp_path, monkeypatch, name, call, number, file, reason

@@ -40,10 +40,12 @@ def iterate(ctx: typer.Context, recipe: RecipeOption, output: OutputOption, verb
 def run_stage_command(ctx: typer.Context, name: str, recipe: Path, output: Path, iteration: int, shard: str | None, verbose: bool) -> None:
     """One stage (or one shard of it) against the run directory, as the loop would run it."""
     from selfreward import loop
+    from selfreward.process_tree import join_stage
     from selfreward.run.units import Shard
     from selfreward.stages import BY_NAME
     from selfreward.stages.context import Models
 
+    join_stage()  # a data-parallel replica: dies with the stage that started it
     stage = BY_NAME[name]
     part = Shard.parse(shard) if shard else None
     config, run_dir = _open(recipe, output, verbose)

@@ -5,13 +5,13 @@ processes on one node (`backend.data_parallel_size`) and joins them."""
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from selfreward.errors import UserError
+from selfreward.process_tree import child_env, tied
 from selfreward.recipe import Recipe
 from selfreward.run.directory import RunDir
 from selfreward.run.jsonl import read_jsonl, write_jsonl_atomic
@@ -80,12 +80,13 @@ def run_replicas(stage: Stage, recipe: Recipe, run_dir: RunDir, t: int, models: 
     models.close()
     processes = []
     for index in range(1, count + 1):
-        env = dict(os.environ)
+        # Each replica dies with this process and holds the stage's worker lock while it lives.
+        env = child_env(run_dir.workers_lock(stage.done_key(t)))
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range((index - 1) * per_replica, index * per_replica))
         command = [sys.executable, "-m", "selfreward", stage.name, "--recipe", str(run_dir.recipe_path),
                    "--output", str(run_dir.root), "--iteration", str(t), "--shard", f"{index}/{count}"]
-        processes.append(subprocess.Popen(command, env=env))
+        processes.append(subprocess.Popen(tied(command), env=env))
     failed = [i for i, process in enumerate(processes, start=1) if process.wait() != 0]
     if failed:
         raise UserError(f"{run_dir.root}: replica(s) {', '.join(map(str, failed))} of {count} of stage "

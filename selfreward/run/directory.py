@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from selfreward.errors import UserError, writing
+from selfreward.process_tree import wait_for_earlier_processes
 from selfreward.recipe import Recipe, first_difference, parse_recipe, recipe_yaml, value_at
 from selfreward.run.jsonl import write_atomic, write_json_atomic
 from selfreward.run.units import Shard
@@ -137,12 +138,18 @@ class RunDir:
         return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.json")
                       if str(p.relative_to(folder)).startswith(prefix))
 
+    def workers_lock(self, stage: str) -> Path:
+        """Held shared by every process `stage` starts, as long as it lives (selfreward/process_tree.py)."""
+        return self.root / "locks" / f"{stage}.workers"
+
     @contextmanager
     def hold(self, stage: str) -> Iterator[None]:
         """Run `stage` as its only writer, or refuse with one line naming the process that holds it.
 
         An OS lock (flock) dies with its process, so a holder killed by SIGKILL or a lost node never blocks
-        the rerun; on Linux, flock over NFS is a byte-range lock that other nodes see as well.
+        the rerun; on Linux, flock over NFS is a byte-range lock that other nodes see as well. The processes
+        an earlier holder started (training workers, replicas) die with it; the stage starts only once they
+        are gone (`selfreward.process_tree`).
         """
         path = self.root / "locks" / f"{stage}.lock"
         with writing(path):
@@ -159,6 +166,7 @@ class RunDir:
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+            wait_for_earlier_processes(self.workers_lock(stage), stage)
             yield
         finally:
             os.close(fd)  # closing releases the lock

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from selfreward.allocator import keep_freed_memory
+from selfreward.process_tree import join_stage
 from selfreward.recipe import load_recipe
 from selfreward.run.directory import RunDir
 from selfreward.stages import BY_NAME
@@ -20,6 +21,7 @@ from selfreward.train.trainer import write_result
 
 
 def main(argv: list[str]) -> None:
+    join_stage()  # die with accelerate launch; hold the stage's worker lock while alive
     stage, root, iteration, result_path = argv
     keep_freed_memory()
     run_dir = RunDir(Path(root))

@@ -25,7 +25,9 @@ from typing import Any
 from selfreward.errors import UserError
 from selfreward.models import load_causal_lm, load_tokenizer, save_checkpoint
 from selfreward.precision import train_in_bf16
+from selfreward.process_tree import child_env, tied
 from selfreward.recipe import LauncherSection, TrainSection
+from selfreward.run.directory import RunDir
 from selfreward.run.jsonl import append_jsonl, resume_records, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -287,7 +289,9 @@ def launch(launcher: LauncherSection, stage: str, run_dir: Path, iteration: int)
         command += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += ["-m", "selfreward.stages.worker", stage, str(run_dir), str(iteration), str(result_path)]
     log.info("%s: %s", stage, " ".join(command))
-    completed = subprocess.run(command, check=False)
+    # accelerate launch and its workers die with this process and hold the stage's worker lock while they live.
+    key = stage if iteration == 0 else f"iter{iteration}/{stage}"
+    completed = subprocess.run(tied(command), check=False, env=child_env(RunDir(run_dir).workers_lock(key)))
     if completed.returncode != 0 or not result_path.is_file():
         raise UserError(f"{stage}: training under accelerate launch failed (exit code {completed.returncode}); "
                         "its log is above; rerun to resume from the last checkpoint")
