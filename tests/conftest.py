@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +17,18 @@ import pytest
 from selfreward.backends.base import Backend, Completion, Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# 100 oasst1 message trees (Apache-2.0, tests/data/oasst1_sample.LICENSE): real human rankings, in the repository.
+OASST1_SAMPLE = ROOT / "tests" / "data" / "oasst1_sample.jsonl.gz"
+
+
+def needs(present: bool, what: str) -> None:
+    """Skip a test whose system package, tool or privilege is absent; under CI (CI=true) fail instead, so
+    that a CI machine missing one cannot pass with less tested. (A GPU or a CPU feature is a skip everywhere.)"""
+    if present:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and this test needs {what}", pytrace=False)
+    pytest.skip(f"needs {what}")
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
@@ -107,3 +120,34 @@ def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
+
+
+# Libraries that announce deprecations through their loggers (transformers does, not through `warnings`).
+DEPRECATION_LOGGERS = ("transformers", "trl", "peft", "accelerate", "torch", "vllm", "datasets")
+DEPRECATED = ("deprecated", "will be removed", "no longer supported")
+
+
+class _Deprecations(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.found: list[str] = []
+
+    def emit(self, record) -> None:
+        message = record.getMessage()
+        if any(word in message.lower() for word in DEPRECATED):
+            self.found.append(f"{record.name}: {message.splitlines()[0][:200]}")
+
+
+@pytest.fixture(autouse=True)
+def no_library_deprecations():
+    """A deprecation a library logs during a test (transformers warns through its logger, e.g. of a call it
+    will stop accepting) fails the test: the call is ours, and the pinned release after next breaks it."""
+    handler = _Deprecations()
+    loggers = [logging.getLogger(name) for name in DEPRECATION_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield
+    for logger in loggers:
+        logger.removeHandler(handler)
+    if handler.found:
+        pytest.fail("deprecated library use: " + "; ".join(sorted(set(handler.found))), pytrace=False)

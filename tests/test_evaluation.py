@@ -8,7 +8,7 @@ import pytest
 from selfreward.data.preferences import load_pairs, load_ranked
 from selfreward.judge import JudgeResult
 from selfreward.judge.agreement import evaluate_judge, pair_metrics, ranked_metrics
-from tests.conftest import SHARED
+from tests.conftest import OASST1_SAMPLE
 
 
 def test_perfect_judge_scores_full_marks():
@@ -122,9 +122,8 @@ def test_hh_rlhf_dialogues_split_at_the_last_assistant_turn(tmp_path):
     assert pair.instruction.endswith("Human: name a color") and "Assistant: hello" in pair.instruction
 
 
-@pytest.mark.skipif(not (SHARED / "oasst1" / "sample.jsonl").is_file(), reason="needs the shared oasst1 sample")
 def test_length_baseline_on_real_oasst1_first_turns_beats_chance():
-    prompts = load_ranked(SHARED / "oasst1" / "sample.jsonl")
+    prompts = load_ranked(OASST1_SAMPLE)
     assert len(prompts) >= 50 and all(len(p.responses) >= 2 for p in prompts)
     metrics = ranked_metrics([[float(len(r)) for r in p.responses] for p in prompts], [p.ranks for p in prompts])
     assert 55 < metrics["pairwise_accuracy"] < 85  # humans favour longer answers; about 68 % on full oasst1

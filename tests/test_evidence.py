@@ -13,6 +13,7 @@ from selfreward.loop.evidence import figures, markdown, wilson, write_report
 from selfreward.recipe import parse_recipe
 from selfreward.run.directory import RunDir
 from selfreward.run.jsonl import read_jsonl
+from tests.conftest import needs
 from tests.test_pipeline import tiny_recipe
 
 
@@ -63,8 +64,7 @@ def test_wilson_interval():
 @pytest.mark.slow
 def test_the_report_renders_in_a_browser_without_console_errors(finished_run, tmp_path):
     browser = shutil.which("chromium")
-    if browser is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    needs(browser is not None, "Debian's chromium (.ci/run installs it)")
     recipe, run = finished_run
     html_path, _ = write_report(recipe, run)
     shot = tmp_path / "report.png"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, build_tiny_model
+from tests.conftest import ROOT, build_tiny_model, needs
 from tests.test_pipeline import tiny_recipe
 
 pytestmark = pytest.mark.slow
@@ -66,8 +66,7 @@ def _pip_mounts(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> str:
     reason = _missing()
-    if reason:
-        pytest.skip(reason)
+    needs(reason is None, str(reason))
     if subprocess.run(["podman", "image", "exists", BASE]).returncode != 0:
         rootfs = tmp_path_factory.mktemp("rootfs")
         subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,passwd", "bookworm",

@@ -7,9 +7,7 @@ import pytest
 from selfreward.data.seeds import load_eft, load_ift, load_oasst1_messages, oasst1_seeds
 from selfreward.errors import UserError
 from selfreward.judge import parse_score
-from tests.conftest import ROOT, SHARED
-
-OASST1 = SHARED / "oasst1" / "sample.jsonl"
+from tests.conftest import OASST1_SAMPLE, ROOT
 
 
 def test_project_seed_data_is_valid_and_spread():
@@ -34,9 +32,8 @@ def test_duplicate_ids_are_refused(tmp_path):
         load_ift(path)
 
 
-@pytest.mark.skipif(not OASST1.is_file(), reason="needs the shared oasst1 sample beside the repository")
 def test_oasst1_first_turns_become_ift_and_ranked_eft():
-    messages = load_oasst1_messages(str(OASST1))
+    messages = load_oasst1_messages(str(OASST1_SAMPLE))
     ift, eft = oasst1_seeds(messages)
     by_id = {m["message_id"]: m for m in messages}
     roots = {m["message_id"] for m in messages if m["parent_id"] is None and m["lang"] == "en" and not m["deleted"]}

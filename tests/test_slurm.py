@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from selfreward.cli import app
 from selfreward.run.directory import RunDir
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs
 from tests.slurm_cluster import Cluster, missing
 from tests.test_kill import comparable
 from tests.test_pipeline import tiny_recipe
@@ -30,8 +30,7 @@ SPLIT = {"shards", "seconds", "judged_now"}
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     reason = missing()
-    if reason:
-        pytest.skip(reason)
+    needs(reason is None, str(reason))
     cluster = Cluster(tmp_path_factory.mktemp("slurm"))
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(cluster.conf)  # for sbatch, called by `selfreward slurm`
