@@ -155,3 +155,18 @@ def test_evaluation_leaves_out_prompts_that_are_seed_instructions(tmp_path):
     assert report["ranked"]["dropped_seen_in_seeds"] == len(seen) and report["ranked"]["length_baseline"]["prompts"] == 60 - len(seen)
     pairs = human_pairs(source, None, None, exclude=seen)
     assert len(pairs) == 3 * (60 - len(seen)) and not {p.instruction.lower() for p in pairs} & seen
+
+
+def test_ranked_responses_from_parquet_or_an_unreachable_hub_id(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    from selfreward.data.preferences import load_ranked
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no hub here: fail at once, not after network retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    messages = synthetic_oasst1(5)
+    datasets.Dataset.from_list(messages).to_parquet(str(tmp_path / "oasst1.parquet"))
+    assert len(load_ranked(tmp_path / "oasst1.parquet")) == 5
+    with pytest.raises(UserError, match="ranked responses: cannot load 'no-such-org/no-such-set'"):
+        load_ranked("no-such-org/no-such-set")

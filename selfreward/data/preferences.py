@@ -34,7 +34,7 @@ class PreferencePair:
 def load_ranked(path: str | Path) -> list[RankedPrompt]:
     """Ranked responses: our format {id, instruction, responses: [{text, rank}]}, or oasst1 message rows (a
     JSONL file, or anything `data.oasst1` takes: a hub id, parquet files)."""
-    records = read_jsonl(path) if Path(path).suffix in {".jsonl", ".gz"} else load_oasst1_messages(str(path), "train")
+    records = read_jsonl(path) if Path(path).suffix in {".jsonl", ".gz"} else load_oasst1_messages(str(path), "train", "ranked responses")
     if records and "message_id" in records[0]:
         return [
             RankedPrompt(root["message_id"], root["text"], tuple(r["text"] for r in replies), tuple(r["rank"] for r in replies))

@@ -52,8 +52,9 @@ def is_local(source: str) -> bool:
     return Path(source).expanduser().exists() or Path(source).suffix in {".jsonl", ".json", ".parquet", ".gz"} or source.startswith((".", "/", "~"))
 
 
-def load_oasst1_messages(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """oasst1 messages from a hub id or local files (JSONL, JSON or parquet), via `datasets`."""
+def load_oasst1_messages(source: str, split: str = "train", what: str = "data.oasst1") -> list[dict[str, Any]]:
+    """oasst1 messages from a hub id or local files (JSONL, JSON or parquet), via `datasets`; `what` names
+    the source in an error."""
     import datasets
 
     path = Path(source)
@@ -65,7 +66,7 @@ def load_oasst1_messages(source: str, split: str = "train") -> list[dict[str, An
         else:
             dataset = datasets.load_dataset(source, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
-        raise UserError(f"data.oasst1: cannot load '{source}' ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{what}: cannot load '{source}' ({str(error).splitlines()[0]})") from None
     return list(dataset)
 
 
