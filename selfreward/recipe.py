@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from selfreward.errors import UserError
 
@@ -118,6 +118,29 @@ class SftSection(TrainSection):
     # answering. Where it is far less likely than EOS at the end of seed answers, its embedding starts as
     # EOS's (selfreward/train/turn_end.py); chat models are left as they are. The SFT record says what it found.
     init_turn_end: bool = True
+
+
+class PairsSection(Section):
+    # Length control (NeMo-Aligner's bands): null = the paper's best vs worst. With rho in [0, 0.5], chosen is
+    # the shortest answer (in tokens) scoring at least (1 - rho) * Smax + rho * Smin, rejected the longest
+    # scoring at most (1 - rho) * Smin + rho * Smax, Smax and Smin the prompt's best and worst scores: rho = 0
+    # is the shortest of the top-scoring answers against the longest of the bottom ones. A list gives one rho
+    # per iteration (null in it: off that iteration). Against the length growth a self-rewarding judge drives.
+    length_control: float | list[float | None] | None = None
+
+    @field_validator("length_control")
+    @classmethod
+    def _in_range(cls, value):
+        values = value if isinstance(value, list) else [value]
+        if any(rho is not None and not 0 <= rho <= 0.5 for rho in values):
+            raise ValueError(f"every rho must be in [0, 0.5], got {value}")
+        return value
+
+    def rho(self, iteration: int) -> float | None:
+        """The rho of `iteration` (1-based), or None for the paper's pairs."""
+        if isinstance(self.length_control, list):
+            return self.length_control[iteration - 1]
+        return self.length_control
 
 
 class DpoSection(TrainSection):
@@ -292,6 +315,7 @@ class Recipe(Section):
     prompts: PromptsSection = PromptsSection()
     responses: ResponsesSection = ResponsesSection()
     judge: JudgeSection = JudgeSection()
+    pairs: PairsSection = PairsSection()
     dpo: DpoSection = DpoSection()
     launcher: LauncherSection = LauncherSection()
     evaluation: EvaluationSection = EvaluationSection()
@@ -304,6 +328,9 @@ class Recipe(Section):
         if vllm.max_num_seqs and vllm.max_num_batched_tokens and vllm.max_num_batched_tokens < vllm.max_num_seqs:
             # vLLM would refuse to start, after the stages before the first generation had run.
             raise ValueError("backend.vllm.max_num_batched_tokens must be at least backend.vllm.max_num_seqs")
+        if isinstance(self.pairs.length_control, list) and len(self.pairs.length_control) != self.iterations:
+            raise ValueError(f"pairs.length_control: a list needs one rho per iteration ({self.iterations}), "
+                             f"got {len(self.pairs.length_control)}")
         return self
 
 
