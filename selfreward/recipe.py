@@ -146,8 +146,20 @@ class PairsSection(Section):
 class DpoSection(TrainSection):
     learning_rate: float = Field(1e-6, gt=0)
     beta: float = Field(0.1, gt=0)
-    # TRL loss types; ["sigmoid", "sft"] adds an NLL term on the chosen response.
+    # TRL loss types; ["sigmoid", "sft"] adds an NLL term on the chosen response (iterative DPO+NLL, Pang et
+    # al. 2024), weighted by `loss_weights` (one per loss type; None: 1 each).
     loss_type: list[str] = ["sigmoid"]
+    loss_weights: list[float] | None = None
+    # TRL's length-desensitised DPO (LD-DPO): tokens past the shorter answer's length count with this weight
+    # in the log-probabilities (1 = plain DPO, 0 = only the shared length). None: off.
+    ld_alpha: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _weights_fit(self):
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"dpo.loss_weights: one weight per loss type ({len(self.loss_type)}: {', '.join(self.loss_type)}), "
+                             f"got {len(self.loss_weights)}")
+        return self
     # Compute the reference model's log-probabilities of every pair once, before training, instead of in
     # every step: pays off from the second epoch on (benchmarks/dpo_memory.py).
     precompute_ref_log_probs: bool = False

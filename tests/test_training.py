@@ -169,3 +169,40 @@ def test_dpo_moves_the_policy_toward_its_chosen_answers(tiny_model, tmp_path, sw
         assert sum(margins) < 0 and all(m < 0 for m in margins)
     else:
         assert sum(margins) > 0 and all(m > 0 for m in margins)
+
+
+def test_dpo_plus_nll_adds_the_weighted_nll_of_the_chosen_answers(tiny_model, tmp_path):
+    """loss_type [sigmoid, sft]: at the first step (policy = reference) the loss is ln 2 + w * the mean NLL per
+    token of the chosen answers, exactly as the formula says."""
+    import math
+
+    from selfreward.models import load_tokenizer
+
+    pairs = [(f"Question {i}?", f"A careful answer to question {i}.", "No.") for i in range(8)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
+                                        "rejected": [{"role": "assistant", "content": r}]}) + "\n" for q, c, r in pairs))
+    weight = 0.5
+    config = DpoSection(**{**TRAIN, "batch_size": 8}, max_length=128, loss_type=["sigmoid", "sft"], loss_weights=[1.0, weight])
+    result = run_dpo(tiny_model, path, config, tmp_path / "model", 0, log_path=tmp_path / "log.jsonl")
+    tokenizer = load_tokenizer(tiny_model)
+    sums = answer_log_probs(tiny_model, [(q, c) for q, c, _ in pairs])
+    counts = []
+    for q, c, _ in pairs:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": c}], tokenize=False)
+        counts.append(len(tokenizer(full, add_special_tokens=False)["input_ids"]) - len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+    nll = -sum(sums) / sum(counts)
+    assert result["first_loss"] == pytest.approx(math.log(2) + weight * nll, abs=2e-3)
+    plain = run_dpo(tiny_model, path, DpoSection(**{**TRAIN, "batch_size": 8}, max_length=128), tmp_path / "plain", 0)
+    assert plain["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_dpo_loss_weights_must_fit_the_loss_types():
+    from selfreward.errors import UserError
+    from selfreward.recipe import parse_recipe
+
+    with pytest.raises(UserError, match=r"dpo.loss_weights: one weight per loss type \(2: sigmoid, sft\), got 1"):
+        parse_recipe({"dpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}}, "r")
+    with pytest.raises(UserError, match=r"dpo\.ld_alpha"):
+        parse_recipe({"dpo": {"ld_alpha": 1.5}}, "r")

@@ -54,6 +54,7 @@ def run_dpo(
     dataset = Dataset.from_list(columns).shuffle(seed=seed)
     work_dir = output.parent / f".{output.name}.work"
     args = DPOConfig(**trainer_args(config, work_dir, seed), beta=config.beta, loss_type=list(config.loss_type),
+                     loss_weights=config.loss_weights, ld_alpha=config.ld_alpha,
                      precompute_ref_log_probs=config.precompute_ref_log_probs)
     trainer = DPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
