@@ -143,3 +143,14 @@ def test_a_run_of_another_format_version_is_one_line_and_exit_2_on_the_command_l
     result = CliRunner().invoke(app, ["pairs", "-r", str(recipe), "-o", str(tmp_path / "run"), "-t", "1"])
     assert result.exit_code == 2 and "format version 7" in result.output
     assert len([line for line in result.output.splitlines() if line.strip()]) <= 3 and "Traceback" not in result.output
+
+
+def test_a_missing_file_names_the_recipe_and_the_key(tmp_path):
+    from selfreward.loop import check_inputs
+
+    recipe = parse_recipe({"data": {"ift": str(tmp_path / "none.jsonl")}, "evaluation": {"ranked": "org/oasst1-on-the-hub"}}, "r")
+    with pytest.raises(UserError, match=rf"^my/recipe\.yaml: data\.ift: '{tmp_path / 'none.jsonl'}' not found"):
+        check_inputs(recipe, "my/recipe.yaml")
+    recipe = parse_recipe({"evaluation": {"ranked": str(tmp_path / "ranked.jsonl")}}, "r")
+    with pytest.raises(UserError, match=r"^my/recipe\.yaml: evaluation\.ranked: .*ranked\.jsonl' not found"):
+        check_inputs(recipe, "my/recipe.yaml")

@@ -21,9 +21,9 @@ def check_inputs(recipe: Recipe, source: str) -> None:
         "judge.template": recipe.judge.template, "evaluation.pairs": recipe.evaluation.pairs, "launcher.config_file": recipe.launcher.config_file,
         "evaluation.head_to_head.instructions": recipe.evaluation.head_to_head.instructions,
     }
-    for key, source in (("data.oasst1", recipe.data.oasst1), ("evaluation.ranked", recipe.evaluation.ranked)):
-        if source and is_local(source):
-            files[key] = source  # a local file, not a hub id
+    for key, where in (("data.oasst1", recipe.data.oasst1), ("evaluation.ranked", recipe.evaluation.ranked)):
+        if where and is_local(where):
+            files[key] = where  # a local file, not a hub id
     for key, value in files.items():
         if value is not None and not Path(value).expanduser().exists():
             raise UserError(f"{source}: {key}: '{value}' not found (relative paths start from {Path.cwd()})")
