@@ -133,14 +133,14 @@ def test_bad_eft_score_is_named(tmp_path):
     _assert_one_line_error(result, lines, "eft.jsonl: record 'a': judgment does not end in 'Score: 4'", tmp_path / "run")
 
 
-def test_a_model_folder_transformers_cannot_read_is_one_line_when_loaded(tmp_path):
+def test_a_model_folder_without_weights_is_one_line_before_any_work(tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
-    (broken / "config.json").write_text("{}")  # passes the up-front check; fails when the stage loads it
+    (broken / "config.json").write_text("{}")  # a config, but no weights and no tokenizer
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"sft": {"enabled": False}, "prompts": {"model": str(broken)}}))
     result, lines = _run(tmp_path, "prompts", "-r", str(recipe), "-o", str(tmp_path / "run"), "-t", "1")
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and f"model '{broken}': cannot load tokenizer" in " ".join(result.output.split())
+    assert len(errors) == 1 and f"prompts.model: model '{broken}': no weights (*.safetensors)" in " ".join(result.output.split())
     assert not RunDir(tmp_path / "run").is_done("iter1/prompts")
