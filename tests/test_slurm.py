@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -125,8 +126,9 @@ def test_a_job_requeued_mid_training_resumes_and_the_run_ends_like_a_local_run(c
 
 def test_a_failed_stage_stops_the_chain_and_says_why(cluster, tiny_model, tmp_path):
     broken = tmp_path / "broken-model"
-    broken.mkdir()
-    (broken / "config.json").write_text("{}")  # looks like a model directory, cannot be loaded
+    shutil.copytree(tiny_model, broken)  # whole files, but weights that do not fit the config: fails when loaded
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
     recipe = recipe_file(tiny_model, tmp_path, sft={"enabled": False}, prompts={"model": str(broken)})
     jobs = submit(recipe, tmp_path / "cluster")
     cluster.wait_idle(300)
