@@ -17,15 +17,21 @@ from selfreward.run.jsonl import read_jsonl, write_jsonl_atomic
 from selfreward.stages.context import StageContext
 
 
-def choose_pair(candidates: list[dict], rng: random.Random) -> tuple[dict, dict] | None:
-    """(best, worst) among candidates with a score, or None when fewer than two or best and worst tie."""
+def score_range(candidates: list[dict]) -> tuple[list[dict], float, float] | None:
+    """(the scored candidates, best score, worst score), or None when fewer than two are scored or all tie."""
     scored = [c for c in candidates if c["score"] is not None]
     if len(scored) < 2:
         return None
     high = max(c["score"] for c in scored)
     low = min(c["score"] for c in scored)
-    if high == low:
+    return None if high == low else (scored, high, low)
+
+
+def choose_pair(candidates: list[dict], rng: random.Random) -> tuple[dict, dict] | None:
+    """(best, worst) among candidates with a score, or None when fewer than two or best and worst tie."""
+    if (found := score_range(candidates)) is None:
         return None
+    scored, high, low = found
     best = rng.choice([c for c in scored if c["score"] == high])
     worst = rng.choice([c for c in scored if c["score"] == low])
     return best, worst
@@ -34,13 +40,9 @@ def choose_pair(candidates: list[dict], rng: random.Random) -> tuple[dict, dict]
 def choose_by_length(candidates: list[dict], rng: random.Random, rho: float) -> tuple[dict, dict] | None:
     """(shortest of the top band, longest of the bottom band) by `tokens`; equal lengths broken by `rng`.
     None when fewer than two are scored or the best and worst scores tie."""
-    scored = [c for c in candidates if c["score"] is not None]
-    if len(scored) < 2:
+    if (found := score_range(candidates)) is None:
         return None
-    high = max(c["score"] for c in scored)
-    low = min(c["score"] for c in scored)
-    if high == low:
-        return None
+    scored, high, low = found
     top = [c for c in scored if c["score"] >= (1 - rho) * high + rho * low]
     bottom = [c for c in scored if c["score"] <= (1 - rho) * low + rho * high]
     shortest = min(c["tokens"] for c in top)
