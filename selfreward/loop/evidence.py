@@ -209,8 +209,8 @@ def tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
         ["responses", *(cell(row["responses"]) for row in rows)],
         ["median response tokens", *(cell(row["median_response_tokens"]) for row in rows)],
         ["cut at max tokens", *(f"{row['cut_at_max_tokens']} ({cell(row['cut_at_max_tokens_percent'])} %)" for row in rows)],
-        ["mean chosen / rejected chars", *(f"{cell(mean(row['chosen_chars']) if row['chosen_chars'] else None)} / "
-                                           f"{cell(mean(row['rejected_chars']) if row['rejected_chars'] else None)}" for row in rows)],
+        ["mean chosen / rejected chars", *(f"{cell(float(mean(row['chosen_chars'])) if row['chosen_chars'] else None)} / "
+                                           f"{cell(float(mean(row['rejected_chars'])) if row['rejected_chars'] else None)}" for row in rows)],
     ]
     agreement = []
     for part in ("ranked", "pairs"):
