@@ -153,6 +153,13 @@ def normal(instruction: str) -> str:
     return instruction.strip().lower()
 
 
+def unseen(items: list, exclude: frozenset[str], text=lambda item: item.instruction) -> tuple[list, int]:
+    """The items whose instruction (`text(item)`, compared in `normal` form) is not in `exclude`, and how many
+    were left out."""
+    kept = [item for item in items if normal(text(item)) not in exclude]
+    return kept, len(items) - len(kept)
+
+
 def seed_instructions(data, seed: int, limits) -> frozenset[str]:
     """Every seed instruction (`normal`), also those a max_ift / max_eft subsample or the response-length
     filter left out: evaluation sets leave them out."""

@@ -35,7 +35,7 @@ from typing import Any
 
 from selfreward.data.limits import truncate_text
 from selfreward.data.preferences import PreferencePair, RankedPrompt, load_pairs, load_ranked
-from selfreward.data.seeds import normal
+from selfreward.data.seeds import unseen
 from selfreward.judge.scoring import Judge, JudgeItem, JudgePair, PairwiseResult
 from selfreward.recipe import LimitsSection
 
@@ -157,12 +157,6 @@ def evaluate_judge(
             cut_items, report["pairs"]["truncated"] = _cut_pairs(items, *max_chars)
             report["pairs"]["judge"] = _timed(lambda: _judge_pairs(judge, cut_items, method))
     return report
-
-
-def unseen(items: list, exclude: frozenset[str]) -> tuple[list, int]:
-    """The items (with an `instruction`) whose instruction is not in `exclude`, and how many were left out."""
-    kept = [item for item in items if normal(item.instruction) not in exclude]
-    return kept, len(items) - len(kept)
 
 
 def _cut_ranked(prompts: Sequence[RankedPrompt], max_instruction: int, max_response: int) -> tuple[list[RankedPrompt], int]:

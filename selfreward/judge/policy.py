@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from selfreward.data.preferences import load_pairs, load_ranked
+from selfreward.data.seeds import unseen
 from selfreward.errors import UserError
 from selfreward.progress import progress_bar
 
@@ -37,8 +38,6 @@ def human_pairs(ranked: Path | None, pairs: Path | None, limit: int | None, excl
     """Every (better, worse) pair of differently ranked responses of the first `limit` ranked prompts, then
     the first `limit` chosen/rejected pairs; prompts whose instruction is in `exclude` (the seed
     instructions, `selfreward.data.seeds.normal` form) left out first, as judge agreement does."""
-    from selfreward.judge.agreement import unseen
-
     found: list[HumanPair] = []
     if ranked:
         for prompt in unseen(load_ranked(ranked), exclude)[0][:limit]:

@@ -8,18 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from selfreward.backends.base import Sampling
-from selfreward.data.seeds import normal, seed_instructions
+from selfreward.data.seeds import seed_instructions, unseen
 from selfreward.errors import UserError
 from selfreward.judge import Judge
 from selfreward.judge.compare import Item, generate_answers, item_id, load_answers, load_instructions, run_compare, write_answers
 from selfreward.models import resolve_model
 from selfreward.stages.context import StageContext
-
-
-def held_out(instructions: list[str], seen: set[str]) -> tuple[list[str], int]:
-    """The instructions that are not seed instructions (compared without case and outer whitespace)."""
-    kept = [text for text in instructions if normal(text) not in seen]
-    return kept, len(instructions) - len(kept)
 
 
 def _answers(ctx: StageContext, model: str, path: Path, instructions: list[str]) -> list[str]:
@@ -35,7 +29,7 @@ def _answers(ctx: StageContext, model: str, path: Path, instructions: list[str])
 def stage(ctx: StageContext) -> dict[str, Any]:
     recipe, t, run_dir = ctx.recipe, ctx.iteration, ctx.run_dir
     config = recipe.evaluation.head_to_head
-    instructions, dropped = held_out(load_instructions(Path(config.instructions)), seed_instructions(recipe.data, recipe.seed, recipe.limits))
+    instructions, dropped = unseen(load_instructions(Path(config.instructions)), seed_instructions(recipe.data, recipe.seed, recipe.limits), text=str)
     instructions = instructions[: config.limit]
     output = run_dir.head_to_head(t)
     model = _answers(ctx, str(run_dir.model(t)), output.with_name(output.name + ".model_outputs.json"), instructions)
