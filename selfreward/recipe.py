@@ -127,6 +127,11 @@ class PairsSection(Section):
     # is the shortest of the top-scoring answers against the longest of the bottom ones. A list gives one rho
     # per iteration (null in it: off that iteration). Against the length growth a self-rewarding judge drives.
     length_control: float | list[float | None] | None = None
+    # Anchored negatives (Temporal Self-Rewarding): the rejected answer comes from an earlier model's candidates
+    # for the same prompts, generated and judged by M_t like its own (stages anchor-generate, anchor-judge),
+    # and the chosen one from M_t's. m1: the SFT model; previous: M_{t-1}. Either takes effect from iteration 2
+    # (in iteration 1 the anchor would be M_t itself, or the base model before SFT). null: the paper's pairs.
+    anchor: Literal["m1", "previous"] | None = None
 
     @field_validator("length_control")
     @classmethod
@@ -153,12 +158,20 @@ class DpoSection(TrainSection):
     # TRL's length-desensitised DPO (LD-DPO): tokens past the shorter answer's length count with this weight
     # in the log-probabilities (1 = plain DPO, 0 = only the shared length). None: off.
     ld_alpha: float | None = Field(None, ge=0, le=1)
+    # CREAM's consistency weighting: M_{t-1} also judges M_t's candidates (stage consistency-judge); per prompt
+    # C = (Kendall tau-b of the two models' scores + 1) / 2, and the sigmoid loss of its pair becomes
+    # C * loss(chosen, rejected) + (1 - C) * loss(rejected, chosen). From iteration 2 (M_0 is no judge).
+    consistency_weighting: bool = False
 
     @model_validator(mode="after")
     def _weights_fit(self):
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(f"dpo.loss_weights: one weight per loss type ({len(self.loss_type)}: {', '.join(self.loss_type)}), "
                              f"got {len(self.loss_weights)}")
+        if self.consistency_weighting and "sigmoid" not in self.loss_type:
+            raise ValueError("dpo.consistency_weighting weights the sigmoid loss: add 'sigmoid' to dpo.loss_type")
+        if self.consistency_weighting and self.ld_alpha is not None:
+            raise ValueError("dpo.consistency_weighting: not with dpo.ld_alpha (the weighting reads plain sequence log-probabilities)")
         return self
     # Compute the reference model's log-probabilities of every pair once, before training, instead of in
     # every step: pays off from the second epoch on (benchmarks/dpo_memory.py).

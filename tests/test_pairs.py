@@ -100,3 +100,107 @@ def test_length_control_in_the_loop_pairs_by_band_each_iteration(tiny_model, tmp
             high, low = max(scores[i] for i in mine), min(scores[i] for i in mine)
             assert pair["chosen_tokens"] == min(responses[i]["tokens"] for i in mine if scores[i] == high)
             assert pair["rejected_tokens"] == max(responses[i]["tokens"] for i in mine if scores[i] == low)
+
+
+def golden_fixture():
+    """Synthetic candidates with ties, unscored ones and equal scores, the same on every machine."""
+    import random
+
+    rng = random.Random(7)
+    responses, judgments = [], []
+    for p in range(40):
+        for i in range(4):
+            rid = f"p{p}-r{i}"
+            responses.append({"id": rid, "prompt_id": f"p{p}", "index": i, "instruction": f"Task {p}?",
+                              "response": "x" * rng.randint(1, 60), "tokens": rng.randint(1, 60), "finished": True})
+            score = rng.choice([None, 1.0, 2.0, 2.0, 3.0, 3.0, 4.5, 5.0]) if p % 7 else 3.0
+            judgments.append({"id": rid, "prompt_id": f"p{p}", "score": score})
+    return responses, judgments
+
+
+def test_with_every_switch_off_the_pairs_file_is_byte_identical_to_the_paper_method_before_the_switches(tmp_path):
+    """The digest was written by run_pairs at 7484e67, before length control, anchors and consistency existed."""
+    import hashlib
+
+    responses, judgments = golden_fixture()
+    result = run_pairs(responses, judgments, tmp_path / "pairs.jsonl", seed=3)
+    assert (result["pairs"], result["ties_dropped"], result["unscored_dropped"]) == (32, 8, 0)
+    digest = hashlib.sha256((tmp_path / "pairs.jsonl").read_bytes()).hexdigest()
+    assert digest == "e901eaa890ac9f426e4bb18911e21fe3d0c82a41d51e77987b961c202bfb3a28"
+
+
+def test_an_anchor_supplies_every_rejected_answer_and_m_t_every_chosen_one(tmp_path):
+    own_r, own_j = candidates("a", [2.0, 4.0, 3.0])
+    anchor_r, anchor_j = candidates("a", [1.0, 5.0, 2.0])
+    for r in anchor_r:
+        r["id"] = r["id"].replace("-r", "-a")
+    for j in anchor_j:
+        j["id"] = j["id"].replace("-r", "-a")
+    # b: the anchor's worst (4.0) is no worse than M_t's best: a tie, dropped. c: the anchor has no scores.
+    b_r, b_j = candidates("b", [3.0, 4.0])
+    ba_r, ba_j = candidates("b", [4.0, 5.0])
+    c_r, c_j = candidates("c", [1.0, 2.0])
+    ca_r, ca_j = candidates("c", [None, None])
+    for r in ba_r + ca_r:
+        r["id"] = r["id"].replace("-r", "-a")
+    for j in ba_j + ca_j:
+        j["id"] = j["id"].replace("-r", "-a")
+    result = run_pairs(own_r + b_r + c_r, own_j + b_j + c_j, tmp_path / "pairs.jsonl", seed=0,
+                       anchor=(anchor_r + ba_r + ca_r, anchor_j + ba_j + ca_j))
+    (pair,) = read_jsonl(tmp_path / "pairs.jsonl")
+    assert (pair["chosen_id"], pair["rejected_id"]) == ("a-r1", "a-a0")  # M_t's best against the anchor's worst
+    assert (result["pairs"], result["ties_dropped"], result["unscored_dropped"], result["anchored"]) == (1, 1, 1, 3)
+
+
+def test_kendall_tau_b_matches_scipy_with_ties_and_consistency_follows_it():
+    import random
+
+    from scipy.stats import kendalltau
+
+    from selfreward.stages.pairs import consistency, kendall_tau_b
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(2, 6)
+        x = [rng.choice([1.0, 2.0, 3.0, 4.5]) for _ in range(n)]
+        y = [rng.choice([0.0, 2.0, 3.5, 5.0]) for _ in range(n)]
+        expected = kendalltau(x, y, variant="b").statistic
+        found = kendall_tau_b(x, y)
+        assert (found is None) if expected != expected else abs(found - expected) < 1e-12
+    cands = [{"id": "r0", "score": 1.0}, {"id": "r1", "score": 3.0}, {"id": "r2", "score": 5.0}, {"id": "r3", "score": None}]
+    assert consistency(cands, {"r0": 0.0, "r1": 2.0, "r2": 4.0, "r3": 5.0}) == 1.0  # same order (r3 unscored by M_t)
+    assert consistency(cands, {"r0": 4.0, "r1": 2.0, "r2": 0.0}) == 0.0  # reversed
+    assert consistency(cands, {"r0": 3.0, "r1": 3.0, "r2": 3.0}) == 0.5  # M_{t-1} sees no difference: undefined
+
+
+def test_anchor_and_consistency_in_the_loop_change_only_what_they_say(tiny_model, tmp_path):
+    from selfreward import loop
+    from selfreward.recipe import parse_recipe
+    from selfreward.run.directory import RunDir
+    from selfreward.stages.pairs import consistency
+    from tests.test_pipeline import Scripted, tiny_recipe
+
+    recipe = parse_recipe(tiny_recipe(tiny_model, pairs={"anchor": "m1"}, dpo={"consistency_weighting": True}), "tiny")
+    run = RunDir(tmp_path / "run")
+    scripted = Scripted()
+    loop.run(recipe, run, scripted)
+    # Iteration 1: the anchor would be M_t and M_0 is no judge: empty files, the paper's pairs, plain DPO.
+    assert read_jsonl(run.anchor_responses(1)) == [] == read_jsonl(run.previous_judgments(1))
+    assert run.done_record("iter1/anchor-generate")["anchor"] is None
+    assert all("consistency" not in pair and "-r" in pair["rejected_id"] for pair in read_jsonl(run.pairs(1)))
+    # Iteration 2: M1 answers the same prompts and M_t judges them; M1 also judges M2's candidates.
+    anchor_ids = {r["id"] for r in read_jsonl(run.anchor_responses(2))}
+    prompts = {p["id"] for p in read_jsonl(run.prompts(2))}
+    assert {r["prompt_id"] for r in read_jsonl(run.anchor_responses(2))} == prompts
+    assert {j["id"] for j in read_jsonl(run.anchor_judgments(2))} == anchor_ids
+    assert run.done_record("iter2/anchor-generate")["anchor"] == str(run.sft_model)
+    assert run.done_record("iter2/consistency-judge")["judge"] == str(run.sft_model)
+    pairs = read_jsonl(run.pairs(2))
+    assert pairs and all(p["rejected_id"] in anchor_ids and p["chosen_id"].split("-")[-1].startswith("r") for p in pairs)
+    responses = read_jsonl(run.responses(2))
+    scores = {j["id"]: j["score"] for j in read_jsonl(run.judgments(2))}
+    previous = {j["id"]: j["score"] for j in read_jsonl(run.previous_judgments(2))}
+    for pair in pairs:
+        mine = [{**r, "score": scores[r["id"]]} for r in responses if r["prompt_id"] == pair["id"]]
+        assert pair["consistency"] == round(consistency(mine, previous), 6)
+    assert str(run.sft_model) in scripted.loads[scripted.loads.index(str(run.model(1))):]  # M1 loaded again in iteration 2

@@ -99,7 +99,7 @@ def test_merge_names_the_missing_part_and_a_rerun_shard_resumes(prompted, unshar
 @pytest.mark.parametrize(("args", "message"), [
     (["generate", "--shard", "4/3"], "--shard: expected i/N with 1 <= i <= N, got '4/3'"),
     (["generate", "--shard", "x"], "--shard: expected i/N such as 2/3, got 'x'"),
-    (["merge", "--stage", "pairs"], "merge: stage 'pairs' is not sharded (shardable: generate, judge)"),
+    (["merge", "--stage", "pairs"], "merge: stage 'pairs' is not sharded (shardable: generate, judge, anchor-generate, anchor-judge, consistency-judge)"),
     (["merge", "--stage", "nope"], "--stage: unknown stage 'nope'"),
 ])
 def test_bad_shard_arguments_are_one_line(prompted, tmp_path, args, message):

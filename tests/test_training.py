@@ -206,3 +206,51 @@ def test_dpo_loss_weights_must_fit_the_loss_types():
         parse_recipe({"dpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}}, "r")
     with pytest.raises(UserError, match=r"dpo\.ld_alpha"):
         parse_recipe({"dpo": {"ld_alpha": 1.5}}, "r")
+
+
+def consistency_dpo(tiny_model, folder: Path, c: float | None, swap: bool = False, lora: bool = True) -> dict[str, torch.Tensor]:
+    """The weights after DPO on 8 pairs, each with consistency `c` (None: plain DPO), as judged or swapped."""
+    folder.mkdir(parents=True)
+    records = []
+    for i in range(8):
+        good, bad = f"A careful answer to question {i}.", "No."
+        chosen, rejected = (bad, good) if swap else (good, bad)
+        records.append({"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": [{"role": "assistant", "content": chosen}],
+                        "rejected": [{"role": "assistant", "content": rejected}], **({"consistency": c} if c is not None else {})})
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = DpoSection(**{**TRAIN, "save_steps": None}, max_length=128, consistency_weighting=c is not None,
+                        lora={"enabled": lora, "r": 4, "alpha": 8})
+    result = run_dpo(tiny_model, folder / "pairs.jsonl", config, folder / "model", 0)
+    assert result.get("consistency_weighted", False) == (c is not None)
+    return weights(folder / "model")
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora_reference_by_adapter", "frozen_reference_copy"])
+def test_consistency_weighting_trains_as_its_formula_says(tiny_model, tmp_path, lora):
+    """C * loss(chosen, rejected) + (1 - C) * loss(rejected, chosen): with C = 1 the weights of plain DPO, with
+    C = 0 those of plain DPO on the swapped pairs, with C = 0.5 no pull at all (the start's weights)."""
+    plain = consistency_dpo(tiny_model, tmp_path / "plain", None, lora=lora)
+    swapped = consistency_dpo(tiny_model, tmp_path / "swapped", None, swap=True, lora=lora)
+    agree = consistency_dpo(tiny_model, tmp_path / "c1", 1.0, lora=lora)
+    disagree = consistency_dpo(tiny_model, tmp_path / "c0", 0.0, lora=lora)
+    undecided = consistency_dpo(tiny_model, tmp_path / "c05", 0.5, lora=lora)
+    start = weights(Path(tiny_model))
+    moved = [name for name in plain if not torch.equal(plain[name], start[name])]
+    assert moved
+    for name in moved:
+        torch.testing.assert_close(agree[name], plain[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(disagree[name], swapped[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(undecided[name], start[name], rtol=0, atol=1e-5)
+    assert any(not torch.allclose(plain[name], swapped[name], atol=1e-3) for name in moved)  # far beyond the tolerance
+
+
+def test_consistency_weighting_is_refused_where_its_loss_is_not_defined():
+    from selfreward.errors import UserError
+    from selfreward.recipe import parse_recipe
+
+    with pytest.raises(UserError, match=r"dpo.*consistency_weighting weights the sigmoid loss"):
+        parse_recipe({"dpo": {"consistency_weighting": True, "loss_type": ["ipo"]}}, "r")
+    with pytest.raises(UserError, match=r"dpo.*consistency_weighting: not with dpo.ld_alpha"):
+        parse_recipe({"dpo": {"consistency_weighting": True, "ld_alpha": 0.5}}, "r")
+    with pytest.raises(UserError, match=r"pairs\.anchor"):
+        parse_recipe({"pairs": {"anchor": "m2"}}, "r")

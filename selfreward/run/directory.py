@@ -74,6 +74,18 @@ class RunDir:
     def judgments(self, t: int) -> Path:
         return self.iteration(t) / "judgments.jsonl"
 
+    def anchor_responses(self, t: int) -> Path:
+        """pairs.anchor: the anchor model's candidates for iteration t's prompts (empty while it is M_t)."""
+        return self.iteration(t) / "anchor_responses.jsonl"
+
+    def anchor_judgments(self, t: int) -> Path:
+        """pairs.anchor: M_t's judgments of the anchor's candidates."""
+        return self.iteration(t) / "anchor_judgments.jsonl"
+
+    def previous_judgments(self, t: int) -> Path:
+        """dpo.consistency_weighting: M_{t-1}'s judgments of M_t's candidates (empty in iteration 1)."""
+        return self.iteration(t) / "previous_judgments.jsonl"
+
     def pairs(self, t: int) -> Path:
         return self.iteration(t) / "pairs.jsonl"
 

@@ -6,6 +6,8 @@
         candidates = M_t answers each prompt N times                       (generate)
         judgments  = M_t judges each candidate k times                     (judge)
         [M_t as a judge, measured on held-out human preferences]           (evaluate, when the recipe asks)
+        [an anchor model's candidates, judged by M_t]           (anchor-generate, anchor-judge: pairs.anchor)
+        [M_{t-1} judges M_t's candidates too]          (consistency-judge: dpo.consistency_weighting)
         pairs      = best vs worst candidate per prompt, ties dropped       (pairs)
         M_{t+1}    = DPO(M_t, pairs), reference M_t                        (dpo)
 
@@ -120,8 +122,27 @@ STAGES: tuple[Stage, ...] = (
         metrics=(Metric("judge_pairwise_accuracy", "judge pairwise acc. % (held out)", evaluate.pairwise_accuracy),),
     ),
     Stage(
+        "anchor-generate", "pairs.anchor: the anchor model (M1 or M_{t-1}) answers the same prompts N times, from "
+        "iteration 2 (iter{t}/anchor_responses.jsonl).", generate.anchor_stage,
+        reads=(MODEL, "prompts"), writes=("anchor_responses",), model="generate", summarize=generate.summarize,
+        enabled=lambda recipe: recipe.pairs.anchor is not None,
+    ),
+    Stage(
+        "anchor-judge", "pairs.anchor: M_t judges the anchor's candidates k times (iter{t}/anchor_judgments.jsonl).",
+        judging.anchor_stage, reads=(MODEL, "anchor_responses"), writes=("anchor_judgments",), model="generate",
+        summarize=judging.anchor_summarize, enabled=lambda recipe: recipe.pairs.anchor is not None,
+    ),
+    Stage(
+        "consistency-judge", "dpo.consistency_weighting: M_{t-1} judges M_t's candidates k times, from iteration 2 "
+        "(iter{t}/previous_judgments.jsonl).", judging.previous_stage, reads=(MODEL, "responses"),
+        writes=("previous_judgments",), model="generate", summarize=judging.summarize,
+        enabled=lambda recipe: recipe.dpo.consistency_weighting,
+    ),
+    Stage(
         "pairs", "Best vs worst candidate per prompt, ties dropped (iter{t}/pairs.jsonl).", pairs.stage,
-        reads=("responses", "judgments"), writes=("pairs",),
+        reads=("responses", "judgments", "anchor_judgments", "previous_judgments"), writes=("pairs",),
+        skip_reads=lambda recipe: (() if recipe.pairs.anchor else ("anchor_judgments",))
+        + (() if recipe.dpo.consistency_weighting else ("previous_judgments",)),
         metrics=(field("pairs", "pairs"), field("ties_dropped", "ties dropped"),
                  field("unscored_dropped", "unscored dropped")),
     ),

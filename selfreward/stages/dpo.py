@@ -12,7 +12,7 @@ from selfreward.models import resolve_model
 from selfreward.recipe import DpoSection
 from selfreward.run.jsonl import read_jsonl
 from selfreward.stages.context import StageContext
-from selfreward.train import completion_head
+from selfreward.train import completion_head, consistency
 from selfreward.train.trainer import checkpoint_callbacks, load_for_training, lora_config, train_and_save, trainer_args
 
 log = logging.getLogger(__name__)
@@ -50,19 +50,25 @@ def run_dpo(
     # The reference is M_t: with LoRA the adapter-disabled model; without, a frozen copy loaded here (TRL
     # would reload it from the config's _name_or_path, which need not be M_t's directory).
     ref_model = None if peft_config else load_for_training(model_path, trust_remote_code)[0]
-    columns = [{key: record[key] for key in PAIR_FIELDS} for record in pairs]
+    # CREAM: pairs of iteration 2 on carry their consistency C (recipe dpo.consistency_weighting).
+    weighted = config.consistency_weighting and all(consistency.COLUMN in record for record in pairs)
+    keys = [*PAIR_FIELDS, consistency.COLUMN] if weighted else list(PAIR_FIELDS)
+    columns = [{key: record[key] for key in keys} for record in pairs]
     dataset = Dataset.from_list(columns).shuffle(seed=seed)
     work_dir = output.parent / f".{output.name}.work"
     args = DPOConfig(**trainer_args(config, work_dir, seed), beta=config.beta, loss_type=list(config.loss_type),
                      loss_weights=config.loss_weights, ld_alpha=config.ld_alpha,
                      precompute_ref_log_probs=config.precompute_ref_log_probs)
-    trainer = DPOTrainer(
+    trainer_class = consistency.make_trainer_class() if weighted else DPOTrainer
+    trainer = trainer_class(
         model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=peft_config, callbacks=checkpoint_callbacks(config) + list(callbacks or []),
     )
     label_positions_only = lm_head(trainer)
     reference = model_path if peft_config else trainer.ref_model.config._name_or_path
     result = train_and_save(trainer, tokenizer, work_dir, output, model_path, trust_remote_code, log_path, "DPO")
+    if config.consistency_weighting:
+        result["consistency_weighted"] = weighted
     result.update(pairs=len(dataset), lm_head_on_labels_only=label_positions_only, policy=model_path, reference=reference, seconds=round(time.perf_counter() - started, 1))
     log.info("DPO: %d pairs, loss %s → %s, %.0f s", len(dataset), result["first_loss"], result["last_loss"], result["seconds"])
     return result

@@ -9,7 +9,7 @@
 set -euo pipefail
 iteration="${1:?usage: run-iteration.sh ITERATION}"
 here="$(cd "$(dirname "$0")" && pwd)"
-for manifest in "$here"/[1-9][05]-*.yaml; do
+for manifest in "$here"/[1-9][0-9]-*.yaml; do
   stage="$(basename "$manifest" .yaml)"; stage="${stage#*-}"
   if [[ "$stage" == sft && "$iteration" != 1 ]]; then continue; fi
   kubectl delete job "selfreward-$stage" --ignore-not-found --wait=true
