@@ -178,6 +178,26 @@ class DpoSection(TrainSection):
     precompute_ref_log_probs: bool = False
 
 
+class MetaJudgeSection(Section):
+    """Meta-Rewarding (Wu et al. 2024): M_t also judges its own judgments, and learns from it. Per prompt, the
+    candidate whose k judge scores spread most has its judgments compared two at a time (scores hidden) by
+    the meta-judge prompt, in both orders (a win counts only when both orders agree); Elo over those battles
+    ranks them, and the best against the worst becomes a judge-training pair, trained by DPO with the answer
+    pairs (stage meta-judge, iter{t}/judge_pairs.jsonl). Needs judge.mode: sampled (judgment texts)."""
+
+    enabled: bool = False
+    # Judge pairs make at most this share of what DPO trains on (their docs: above ~15 % the judge drifts
+    # towards always awarding 5); the rest is left out, drawn with the recipe seed.
+    share: float = Field(0.15, gt=0, lt=1)
+    # At most this many judge pairs whose chosen judgment gives the same score (a cap per score bucket, so
+    # that the judge is not taught one score); None: no cap.
+    max_per_score: int | None = Field(None, ge=1)
+    template: str | None = None
+    max_new_tokens: int = Field(256, ge=1)
+    # Prompts per unit of work (its own seed; written together).
+    unit_size: int = Field(8, ge=1)
+
+
 class TreeShares(Section):
     """How oasst1's message trees are split: shares summing to 1."""
 
@@ -342,6 +362,7 @@ class Recipe(Section):
     judge: JudgeSection = JudgeSection()
     pairs: PairsSection = PairsSection()
     dpo: DpoSection = DpoSection()
+    meta_judge: MetaJudgeSection = MetaJudgeSection()
     launcher: LauncherSection = LauncherSection()
     evaluation: EvaluationSection = EvaluationSection()
 
@@ -353,6 +374,11 @@ class Recipe(Section):
         if vllm.max_num_seqs and vllm.max_num_batched_tokens and vllm.max_num_batched_tokens < vllm.max_num_seqs:
             # vLLM would refuse to start, after the stages before the first generation had run.
             raise ValueError("backend.vllm.max_num_batched_tokens must be at least backend.vllm.max_num_seqs")
+        if self.meta_judge.enabled and self.judge.mode == "expected":
+            raise ValueError("meta_judge.enabled: the meta-judge compares judgment texts, and judge.mode: expected "
+                             "writes none; set judge.mode: sampled")
+        if self.meta_judge.enabled and self.judge.samples < 2:
+            raise ValueError("meta_judge.enabled: needs judge.samples of 2 or more (it compares judgments of one answer)")
         if isinstance(self.pairs.length_control, list) and len(self.pairs.length_control) != self.iterations:
             raise ValueError(f"pairs.length_control: a list needs one rho per iteration ({self.iterations}), "
                              f"got {len(self.pairs.length_control)}")

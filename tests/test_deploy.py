@@ -72,7 +72,7 @@ def k8s_commands() -> list[list[str]]:
 
 def test_every_command_the_kubernetes_jobs_run_exists_with_its_flags():
     commands = k8s_commands()
-    assert [c[0] for c in commands] == ["sft", "prompts", "generate", "merge", "judge", "merge", "evaluate", "anchor-generate", "anchor-judge", "consistency-judge", "pairs", "dpo", "policy", "head-to-head", "report"]
+    assert [c[0] for c in commands] == ["sft", "prompts", "generate", "merge", "judge", "merge", "evaluate", "anchor-generate", "anchor-judge", "consistency-judge", "pairs", "meta-judge", "dpo", "policy", "head-to-head", "report"]
     for argv in commands:
         cli_accepts(argv)
 

@@ -19,11 +19,10 @@ from statistics import mean, median
 from typing import Any
 
 from selfreward.loop.iterate import iteration_metrics
-from selfreward.loop.report import cell
+from selfreward.loop.report import cell, metric_rows, seconds_rows
 from selfreward.recipe import Recipe, recipe_yaml
 from selfreward.run.directory import RunDir
 from selfreward.run.jsonl import read_json, read_jsonl, write_atomic
-from selfreward.stages import ITERATION
 
 
 def wilson(share_percent: float | None, n: int | None) -> list[float] | None:
@@ -203,8 +202,7 @@ def tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
     """(title, header, rows) of every table the report holds."""
     rows = data["iterations"]
     header = [""] + [f"iter {row['iteration']}" for row in rows]
-    metrics = [[metric.label] + [cell(row["metrics"].get(metric.name)) for row in rows]
-               for stage in ITERATION for metric in stage.metrics]
+    metrics = [[label, *map(cell, values)] for label, values in metric_rows([row["metrics"] for row in rows])]
     lengths = [
         ["responses", *(cell(row["responses"]) for row in rows)],
         ["median response tokens", *(cell(row["median_response_tokens"]) for row in rows)],
@@ -229,7 +227,7 @@ def tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
             f"{cell(d['win_rate'])} {_interval(d['win_rate_ci'])}, n={d['n']}" if d else "-" for d in duels])
         agreement.append(["  length-controlled %, position consistency %"] + [
             f"{cell(d['lc_win_rate'])}, {cell(d['position_consistency'])}" if d else "-" for d in duels])
-    seconds = [[f"{stage.name} seconds"] + [cell(row["metrics"]["seconds"].get(stage.name)) for row in rows] for stage in ITERATION]
+    seconds = [[label, *map(cell, values)] for label, values in seconds_rows([row["metrics"] for row in rows])]
     found = [("Per iteration", header, metrics), ("Lengths", header, lengths)]
     if agreement:
         found.append(("Held-out evidence: agreement with humans, head to head", header, agreement))

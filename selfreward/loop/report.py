@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from selfreward.stages import ITERATION
+from selfreward.stages import ITERATION, Stage
 
 
 def summary_table(rows: list[dict[str, Any]], sft: dict | None) -> Table:
@@ -19,12 +19,31 @@ def summary_table(rows: list[dict[str, Any]], sft: dict | None) -> Table:
     table.add_column("")
     for row in rows:
         table.add_column(f"iter {row['iteration']}", justify="right")
+    for label, values in metric_rows(rows) + seconds_rows(rows):
+        table.add_row(label, *map(cell, values))
+    return table
+
+
+def metric_rows(rows: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
+    """(label, one value per iteration) of every metric the stages declare, from the iterations' metrics;
+    a switch's figure (`optional`) only where some iteration has it."""
+    found = []
     for stage in ITERATION:
         for metric in stage.metrics:
-            table.add_row(metric.label, *(cell(row.get(metric.name)) for row in rows))
+            values = [row.get(metric.name) for row in rows]
+            if not (metric.optional and all(value is None for value in values)):
+                found.append((metric.label, values))
+    return found
+
+
+def seconds_rows(rows: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
+    """(f"{stage} seconds", one value per iteration); a stage some recipes leave off only where it ran."""
+    found = []
     for stage in ITERATION:
-        table.add_row(f"{stage.name} seconds", *(cell(row["seconds"].get(stage.name)) for row in rows))
-    return table
+        values = [row["seconds"].get(stage.name) for row in rows]
+        if stage.enabled is Stage.enabled or any(value is not None for value in values):
+            found.append((f"{stage.name} seconds", values))
+    return found
 
 
 def cell(value: Any) -> str:

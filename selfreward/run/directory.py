@@ -89,6 +89,14 @@ class RunDir:
     def pairs(self, t: int) -> Path:
         return self.iteration(t) / "pairs.jsonl"
 
+    def meta_judgments(self, t: int) -> Path:
+        """meta_judge: per prompt, the battles between judgments of its most disputed candidate and their Elo."""
+        return self.iteration(t) / "meta_judgments.jsonl"
+
+    def judge_pairs(self, t: int) -> Path:
+        """meta_judge: judge-training pairs (best vs worst judgment by Elo), trained with the answer pairs."""
+        return self.iteration(t) / "judge_pairs.jsonl"
+
     def judge_eval(self, t: int) -> Path:
         return self.iteration(t) / "judge_eval.json"
 

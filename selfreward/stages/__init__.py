@@ -9,6 +9,7 @@
         [an anchor model's candidates, judged by M_t]           (anchor-generate, anchor-judge: pairs.anchor)
         [M_{t-1} judges M_t's candidates too]          (consistency-judge: dpo.consistency_weighting)
         pairs      = best vs worst candidate per prompt, ties dropped       (pairs)
+        [M_t judges its judgments: judge-training pairs]                 (meta-judge: meta_judge.enabled)
         M_{t+1}    = DPO(M_t, pairs), reference M_t                        (dpo)
 
 A `Stage` says what the CLI, the loop, `merge`, the summary and the metrics need to know: its name (the
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 from selfreward.recipe import Recipe
 from selfreward.run.units import Shard
-from selfreward.stages import dpo, evaluate, generate, head_to_head, judging, pairs, policy, prompts, sft
+from selfreward.stages import dpo, evaluate, generate, head_to_head, judging, meta_judge, pairs, policy, prompts, sft
 from selfreward.stages.context import StageContext
 from selfreward.train.trainer import launch
 
@@ -55,10 +56,12 @@ class Metric:
     name: str
     label: str
     read: Callable[[dict[str, Any]], Any]
+    # A figure only some recipes have (a switch's): its summary row is left out where no iteration has it.
+    optional: bool = False
 
 
-def field(name: str, label: str, key: str | None = None) -> Metric:
-    return Metric(name, label, lambda record: record.get(key or name))
+def field(name: str, label: str, key: str | None = None, optional: bool = False) -> Metric:
+    return Metric(name, label, lambda record: record.get(key or name), optional)
 
 
 @dataclass(frozen=True)
@@ -144,11 +147,20 @@ STAGES: tuple[Stage, ...] = (
         skip_reads=lambda recipe: (() if recipe.pairs.anchor else ("anchor_judgments",))
         + (() if recipe.dpo.consistency_weighting else ("previous_judgments",)),
         metrics=(field("pairs", "pairs"), field("ties_dropped", "ties dropped"),
-                 field("unscored_dropped", "unscored dropped")),
+                 field("unscored_dropped", "unscored dropped"),
+                 field("mean_consistency", "mean consistency C (CREAM)", optional=True)),
     ),
     Stage(
-        "dpo", "DPO-train M_{t+1} from M_t on the pairs, reference M_t (iter{t}/model/).", Training(dpo.train),
-        reads=(MODEL, "pairs"), writes=(NEXT_MODEL,), model="train",
+        "meta-judge", "meta_judge: M_t compares its own judgments of each prompt's most disputed answer; best vs worst "
+        "judgment by Elo become judge-training pairs (iter{t}/judge_pairs.jsonl).", meta_judge.stage,
+        reads=(MODEL, "judgments", "pairs"), writes=("meta_judgments", "judge_pairs"), model="generate",
+        enabled=lambda recipe: recipe.meta_judge.enabled,
+        metrics=(field("judge_pairs", "judge pairs (meta-judge)", optional=True),),
+    ),
+    Stage(
+        "dpo", "DPO-train M_{t+1} from M_t on the pairs (and the meta-judge's judge pairs), reference M_t (iter{t}/model/).",
+        Training(dpo.train), reads=(MODEL, "pairs", "judge_pairs"), writes=(NEXT_MODEL,), model="train",
+        skip_reads=lambda recipe: () if recipe.meta_judge.enabled else ("judge_pairs",),
         metrics=(Metric("dpo_loss", "DPO loss first → last", lambda r: [r.get("first_loss"), r.get("last_loss")]),),
     ),
     Stage(

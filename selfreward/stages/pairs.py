@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 import time
-from statistics import mean
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 from selfreward.run.jsonl import read_jsonl, write_jsonl_atomic
