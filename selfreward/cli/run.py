@@ -124,3 +124,37 @@ def report(recipe: RecipeOption, output: OutputOption) -> None:
         _print_summary(config, run_dir)
 
     _guard(action)
+
+
+@app.command()
+def ablate(
+    ctx: typer.Context,
+    recipe: RecipeOption,
+    output: OutputOption,
+    variants: Annotated[str, typer.Option(
+        "--variants", help="Comma-separated: plain (the paper's method, required), length (pairs.length_control: 0), anchor "
+        "(pairs.anchor: m1), meta (meta_judge), nll (DPO+NLL), consistency (dpo.consistency_weighting).")] = "plain,length,anchor,meta,nll,consistency",
+    verbose: VerboseOption = False,
+) -> None:
+    """Run the recipe once per variant from the same M1 (OUTPUT/<variant>/), compare each final model with
+    plain's by the recipe's fixed head-to-head judge, and write OUTPUT/ablation.md side by side. Rerun to resume."""
+
+    def action() -> None:
+        import yaml
+
+        from selfreward.cli.app import _setup_command
+        from selfreward.loop import check_inputs
+        from selfreward.loop.ablate import ablate as run_ablation
+        from selfreward.loop.ablate import parse_variants
+        from selfreward.recipe import load_recipe
+
+        _setup_command(verbose)
+        names = parse_variants(variants)
+        check_inputs(load_recipe(recipe), str(recipe))
+        raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+        output.mkdir(parents=True, exist_ok=True)
+        run_ablation(raw, str(recipe), output, names, _opener(ctx))
+        console.print((output / "ablation.md").read_text(encoding="utf-8"), highlight=False, markup=False)
+        console.print(f"ablation report: {output / 'ablation.md'}", highlight=False)
+
+    _guard(action)
