@@ -50,6 +50,7 @@ def test_ablate_runs_every_variant_from_one_m1_and_reports_them_side_by_side(tin
             # Same M1 and seeds: iteration 1's prompts and candidates are plain's, byte for byte.
             for file in ("prompts", "responses"):
                 assert getattr(run, file)(1).read_bytes() == getattr(plain, file)(1).read_bytes()
+    assert not (out / "plain" / "iter1" / "head_to_head.json").exists()  # compared once, at the end
     assert RunDir(out / "anchor").anchor_responses(2).stat().st_size > 0 and (out / "meta" / "iter1" / "judge_pairs.jsonl").exists()
     table = json.loads((out / "ablation.json").read_text())
     assert [row["variant"] for row in table["variants"]] == list(VARIANTS)

@@ -62,8 +62,9 @@ def _merge(base: dict, changes: dict) -> dict:
 
 
 def variant_recipe(raw: dict, name: str, m1: Path | None, source: str) -> Recipe:
-    """The user's recipe with the variant's switch; from plain's M1 when `m1` is given."""
-    changed = _merge(raw, VARIANTS[name])
+    """The user's recipe with the variant's switch; from plain's M1 when `m1` is given. The variant's run
+    leaves out the per-iteration head-to-head: the ablation compares the final models with plain's instead."""
+    changed = _merge(_merge(raw, VARIANTS[name]), {"evaluation": {"head_to_head": {"instructions": None}}})
     if m1 is not None:
         changed = _merge(changed, {"sft": {"enabled": False}, "model": {"base": str(m1)}})
     try:
@@ -74,9 +75,10 @@ def variant_recipe(raw: dict, name: str, m1: Path | None, source: str) -> Recipe
 
 def ablate(raw: dict, source: str, output: Path, names: list[str], opener, head_to_head=None) -> dict[str, Any]:
     """Run every variant (resuming), compare each final model with plain's, write the side-by-side report.
-    `head_to_head(recipe, variant_dir, plain_dir, variant)` is the comparison (default `compare_final`)."""
+    `head_to_head(recipe, variant_dir, plain_dir, variant, opener)` is the comparison (default `compare_final`)."""
     head_to_head = head_to_head or compare_final
     recipes = {}
+    whole = parse_recipe(raw, source)  # its evaluation.head_to_head compares the final models
     plain = variant_recipe(raw, BASELINE, None, source)
     m1 = RunDir(output / BASELINE).sft_model if plain.sft.enabled else None
     for name in names:  # every recipe is checked before any work starts
@@ -94,7 +96,7 @@ def ablate(raw: dict, source: str, output: Path, names: list[str], opener, head_
             write_json_atomic(timing, {"seconds": round(time.perf_counter() - started, 1)})
         results[name] = {"figures": figures(recipes[name], run_dir), "seconds": read_json(timing)["seconds"]}
     for name in names[1:]:
-        results[name]["head_to_head"] = head_to_head(recipes[BASELINE], RunDir(output / name), RunDir(output / BASELINE), name, opener)
+        results[name]["head_to_head"] = head_to_head(whole, RunDir(output / name), RunDir(output / BASELINE), name, opener)
     table = side_by_side(names, results, plain)
     write_json_atomic(output / "ablation.json", table)
     write_atomic(output / "ablation.md", markdown(table))
