@@ -19,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from selfreward.recipe import load_recipe
 from selfreward.run.directory import RunDir
 from selfreward.stages import STAGES
 from tests.conftest import ROOT
@@ -89,11 +90,11 @@ def start(recipe: Path, out: Path) -> subprocess.Popen:
 
 
 def running_stage(run: RunDir) -> str:
-    """The stage the loop was in: the first one, in loop order, without a done record."""
+    """The stage the loop was in: the first one, in loop order, that the recipe runs and has no done record."""
+    recipe = load_recipe(run.recipe_path)
     for t in range(0, ITERATIONS + 1):
         for stage in STAGES:
-            # (evaluate is off in this recipe)
-            if stage.per_iteration == (t > 0) and stage.name != "evaluate" and not run.is_done(stage.done_key(t)):
+            if stage.per_iteration == (t > 0) and stage.enabled(recipe) and not run.is_done(stage.done_key(t)):
                 return stage.done_key(t)
     return "finished"
 
