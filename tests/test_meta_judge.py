@@ -106,5 +106,8 @@ def test_the_loop_trains_on_judge_pairs_whose_chosen_judgment_won_its_battles(ti
         assert "<response>" in pair["prompt"][0]["content"]  # the judge prompt the judgments answered
     answer_pairs = len(read_jsonl(run.pairs(1)))
     assert len(judge_pairs_written) <= 0.45 * (answer_pairs + len(judge_pairs_written))
+    meta = run.done_record("iter1/meta-judge")
+    assert meta["verdicts_unparsed"] == 0 and meta["verdicts"] == 2 * (meta["battles_decided"] + meta["battles_undecided"])
+    assert all(len(r["verdicts"]) == len(r["battles"]) + r["undecided"] for r in records)
     done = run.done_record("iter1/dpo")
     assert done["judge_pairs"] == len(judge_pairs_written) and done["pairs"] == answer_pairs + len(judge_pairs_written)

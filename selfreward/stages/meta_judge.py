@@ -94,16 +94,17 @@ def meta_judge_unit(backend: Backend, template: str, items: list[dict], sampling
             verdicts[key] = parse_winner(completions[0].text)
     records = []
     for index, item in enumerate(items):
-        battles, count = [], len(item["judgments"])
+        battles, asked, count = [], [], len(item["judgments"])
         for a in range(count):
             for b in range(a + 1, count):
                 forward, backward = verdicts[(index, a, b)], verdicts[(index, b, a)]
+                asked.append([a, b, forward, backward])  # the verdicts with a shown first, then b first
                 if forward == "A" and backward == "B":
                     battles.append([a, b])
                 elif forward == "B" and backward == "A":
                     battles.append([b, a])
         records.append({"prompt_id": item["prompt_id"], "response_id": item["response_id"], "scores": item["scores"],
-                        "battles": battles, "undecided": count * (count - 1) // 2 - len(battles),
+                        "verdicts": asked, "battles": battles, "undecided": len(asked) - len(battles),
                         "elo": [round(r, 3) for r in elo(count, [tuple(x) for x in battles])]})
     return records
 
@@ -196,6 +197,9 @@ def stage(ctx: StageContext) -> dict[str, Any]:
     )
     write_jsonl_atomic(run_dir.judge_pairs(t), pairs)
     log.info("meta-judge: %d judge pairs beside %d answer pairs (%d disputed prompts)", len(pairs), answer_pairs, len(items))
+    verdicts = [v for r in records for _, _, *order in r["verdicts"] for v in order]
     return {"disputed_prompts": len(items), "battles_decided": sum(len(r["battles"]) for r in records),
-            "battles_undecided": sum(r["undecided"] for r in records), "judge_pairs": len(pairs), **dropped,
+            "battles_undecided": sum(r["undecided"] for r in records), "verdicts_unparsed": verdicts.count(None),
+            "verdicts_first_shown_wins": verdicts.count("A"), "verdicts": len(verdicts),
+            "judge_pairs": len(pairs), **dropped,
             "seconds": round(time.perf_counter() - started, 1)}
