@@ -79,3 +79,37 @@ def test_ablate_refuses_unknown_variants_and_a_missing_baseline_in_one_line(tiny
     meta_on_expected.write_text(yaml.safe_dump(tiny_recipe(tiny_model, judge={"mode": "expected"})))
     result = CliRunner().invoke(app, ["ablate", "-r", str(meta_on_expected), "-o", str(tmp_path / "out2"), "--variants", "plain,meta"])
     assert result.exit_code == 2 and "variant meta" in result.output and "judge.mode: sampled" in result.output
+
+
+def test_the_final_comparison_can_ask_an_endpoint_judge(tmp_path):
+    """evaluation.head_to_head.endpoint: the ablation's comparison goes to an OpenAI-compatible server (here a
+    fake that prefers the longer answer in either order); answers already written are read, not regenerated."""
+    from http.server import BaseHTTPRequestHandler
+
+    from selfreward.judge.compare import write_answers
+    from selfreward.loop.ablate import compare_final
+    from selfreward.recipe import parse_recipe
+    from tests.conftest import send_json, serving
+
+    class LongerWins(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            text = body["messages"][-1]["content"]
+            a = text.split("<response_a>")[1].split("</response_a>")[0]
+            b = text.split("<response_b>")[1].split("</response_b>")[0]
+            verdict = "Winner: A" if len(a) > len(b) else "Winner: B"
+            send_json(self, {"choices": [{"message": {"role": "assistant", "content": verdict}, "finish_reason": "stop"}] * body.get("n", 1)})
+
+        def log_message(self, *args):
+            pass
+
+    instructions = [f"Explain idea {i}." for i in range(5)]
+    (tmp_path / "instructions.json").write_text(json.dumps([{"instruction": i} for i in instructions]))
+    for name, answer in (("long", "A long and careful answer."), ("plain", "Short.")):
+        (tmp_path / name).mkdir()
+        write_answers(tmp_path / name / "ablation_answers.iter1.json", instructions, [answer] * 5, name)
+    with serving(LongerWins) as url:
+        recipe = parse_recipe({"iterations": 1, "evaluation": {"head_to_head": {
+            "instructions": str(tmp_path / "instructions.json"), "judge": "served-judge", "endpoint": url}}}, "r")
+        summary = compare_final(recipe, RunDir(tmp_path / "long"), RunDir(tmp_path / "plain"), "long", opener=None)
+    assert summary["n"] == 5 and summary["win_rate"] == 100.0 and summary["position_consistency"] == 100.0

@@ -115,8 +115,6 @@ def compare_final(recipe: Recipe, variant: RunDir, plain: RunDir, name: str, ope
     config = recipe.evaluation.head_to_head
     if not config.instructions:
         return None
-    if config.endpoint:
-        raise UserError("ablate: evaluation.head_to_head.endpoint is not supported here yet; name a local judge model")
     instructions, _ = unseen(load_instructions(Path(config.instructions)), seed_instructions(recipe.data, recipe.seed, recipe.limits), text=str)
     instructions = instructions[: config.limit]
     t = recipe.iterations
@@ -133,10 +131,22 @@ def compare_final(recipe: Recipe, variant: RunDir, plain: RunDir, name: str, ope
                 answers[side] = generate_answers(models.get(str(run_dir.model(t))), instructions, config.answer_tokens,
                                                  f"answers of {run_dir.root.name}")
                 write_answers(path, instructions, answers[side], str(run_dir.model(t)))
-        judge = Judge(models.get(config.judge), None, config.mode, 1, Sampling(0.7, 0.9, config.verdict_tokens, seed=recipe.seed))
+        if config.endpoint:
+            import os
+
+            from selfreward.backends.http import HttpBackend
+
+            backend = HttpBackend(config.endpoint, config.judge, api=config.api, api_key=os.environ.get("OPENAI_API_KEY"))
+        else:
+            backend = models.get(config.judge)
+        judge = Judge(backend, None, config.mode, 1, Sampling(0.7, 0.9, config.verdict_tokens, seed=recipe.seed))
         items = [Item(item_id(text, a, b), text, a, b) for text, a, b in zip(instructions, answers["variant"], answers["plain"])]
-        return run_compare(judge, items, output, recipe.seed, lambda: {"model": str(variant.model(t)), "baseline": str(plain.model(t)),
-                                                                        "judge": config.judge})
+        try:
+            return run_compare(judge, items, output, recipe.seed, lambda: {
+                "model": str(variant.model(t)), "baseline": str(plain.model(t)), "judge": config.judge, "endpoint": config.endpoint})
+        finally:
+            if config.endpoint:
+                backend.close()
 
 
 def detectable(n: int | None, pairs: bool = False) -> float | None:
