@@ -111,6 +111,7 @@ def compare_final(recipe: Recipe, variant: RunDir, plain: RunDir, name: str, ope
     from selfreward.judge import Judge
     from selfreward.judge.compare import Item, generate_answers, item_id, load_answers, load_instructions, run_compare, write_answers
     from selfreward.stages.context import Models
+    from selfreward.stages.head_to_head import endpoint_judge
 
     config = recipe.evaluation.head_to_head
     if not config.instructions:
@@ -131,14 +132,7 @@ def compare_final(recipe: Recipe, variant: RunDir, plain: RunDir, name: str, ope
                 answers[side] = generate_answers(models.get(str(run_dir.model(t))), instructions, config.answer_tokens,
                                                  f"answers of {run_dir.root.name}")
                 write_answers(path, instructions, answers[side], str(run_dir.model(t)))
-        if config.endpoint:
-            import os
-
-            from selfreward.backends.http import HttpBackend
-
-            backend = HttpBackend(config.endpoint, config.judge, api=config.api, api_key=os.environ.get("OPENAI_API_KEY"))
-        else:
-            backend = models.get(config.judge)
+        backend = endpoint_judge(config) if config.endpoint else models.get(config.judge)
         judge = Judge(backend, None, config.mode, 1, Sampling(0.7, 0.9, config.verdict_tokens, seed=recipe.seed))
         items = [Item(item_id(text, a, b), text, a, b) for text, a, b in zip(instructions, answers["variant"], answers["plain"])]
         try:

@@ -39,11 +39,7 @@ def stage(ctx: StageContext) -> dict[str, Any]:
     baseline_path = earlier if t > 1 and earlier.exists() else output.with_name(output.name + ".baseline_outputs.json")
     baseline = _answers(ctx, ctx.current_model, baseline_path, instructions)
     if config.endpoint:
-        import os
-
-        from selfreward.backends.http import HttpBackend
-
-        backend = HttpBackend(config.endpoint, config.judge, api=config.api, api_key=os.environ.get("OPENAI_API_KEY"))
+        backend = endpoint_judge(config)
     else:
         compared = {str(Path(m).resolve()) for m in (str(run_dir.model(t)), resolve_model(ctx.current_model))}
         if str(Path(resolve_model(config.judge)).resolve()) in compared:
@@ -56,6 +52,15 @@ def stage(ctx: StageContext) -> dict[str, Any]:
     if config.endpoint:
         backend.close()
     return {**summary, "dropped_seen_in_seeds": dropped}
+
+
+def endpoint_judge(config):
+    """The fixed judge served at `config.endpoint` (its key from OPENAI_API_KEY, never from a file)."""
+    import os
+
+    from selfreward.backends.http import HttpBackend
+
+    return HttpBackend(config.endpoint, config.judge, api=config.api, api_key=os.environ.get("OPENAI_API_KEY"))
 
 
 def enabled(recipe) -> bool:

@@ -143,7 +143,8 @@ def judge_pairs(records: list[dict], items: dict[str, dict], render: Callable[[d
                 per_score[pair["chosen_score"]] = per_score.get(pair["chosen_score"], 0) + 1
                 kept.append(pair)
         over_bucket = len(pairs) - len(kept)
-        pairs = [p for p in pairs if any(p is k for k in kept)]
+        chosen_ids = {id(p) for p in kept}
+        pairs = [p for p in pairs if id(p) in chosen_ids]
     # judge pairs / (answer pairs + judge pairs) <= share
     room = int(share * answer_pairs / (1 - share) + 1e-9)
     over_share = max(0, len(pairs) - room)
